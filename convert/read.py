@@ -1,0 +1,432 @@
+"""Safe reading of a CNN Filter DB ``dataset.h5`` (METHOD.md §1).
+
+The filters are read with h5py; the ``/meta`` table written by ``pandas.HDFStore``
+(fixed or table format) is rebuilt from the raw HDF5 objects with h5py, never with
+``pandas.read_hdf`` or PyTables, both of which unpickle whatever the file holds.
+Pickles are loaded by :mod:`convert.safepickle`, which admits plain data only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from filterdb_dask.errors import InputError, UnsafePickleError
+
+from .safepickle import safe_loads
+
+FILTER_NAMES = ("filter", "filters")
+INDEX_LEVELS = ("model_id", "conv_depth", "conv_depth_norm")
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass
+class Source:
+    """A validated ``dataset.h5``: where its filters are and its layer table.
+
+    Attributes
+    ----------
+    path : the file.
+    name : the filter dataset's name ('filter' or 'filters').
+    shape : its HDF5 shape, ``(N, 9)`` or ``(N, 3, 3)``.
+    dtype : its dtype.
+    meta : the meta table as a DataFrame (original index and columns, cleaned
+        ``Task``), plus int64 columns ``start`` and ``stop`` (rows ``[start, stop)``).
+    unreferenced : number of filter rows no meta row references.
+    """
+
+    path: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    meta: pd.DataFrame
+    unreferenced: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_filters(self) -> int:
+        return int(self.shape[0])
+
+
+# ----------------------------------------------------------------------------- open
+def open_h5(path: str) -> h5py.File:
+    """Open ``path`` read-only with a one-line error for every way it can fail."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path!r} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"{path!r} is a directory, not an HDF5 file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path!r} is empty (0 bytes)")
+    try:
+        is_h5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise InputError(f"{path!r} cannot be read: {exc}") from None
+    if not is_h5:
+        raise InputError(f"{path!r} is not an HDF5 file")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise InputError(
+            f"{path!r} cannot be opened as HDF5 (truncated or corrupt?): {exc}"
+        ) from None
+
+
+def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Dataset:
+    """The filter dataset: ``name``, else 'filter' or 'filters' (METHOD §1)."""
+    names = [name] if name else [n for n in FILTER_NAMES if n in f]
+    if name and name not in f:
+        raise InputError(f"{path!r} has no dataset {name!r} (it holds {sorted(f)!r})")
+    if not names:
+        raise InputError(
+            f"{path!r} has no filter dataset: looked for 'filter' and 'filters', "
+            f"found {sorted(f)!r}"
+        )
+    if len(names) > 1:
+        raise InputError(
+            f"{path!r} holds both 'filter' and 'filters'; choose one with --filters-name"
+        )
+    dset = f[names[0]]
+    if not isinstance(dset, h5py.Dataset):
+        raise InputError(f"{path!r}: {names[0]!r} is a group, not a dataset")
+    shape = dset.shape
+    if not (
+        (len(shape) == 2 and shape[1] == 9) or (len(shape) == 3 and shape[1:] == (3, 3))
+    ):
+        raise InputError(
+            f"{path!r}: filter dataset {names[0]!r} has shape {shape!r}; "
+            "expected (N, 9) or (N, 3, 3)"
+        )
+    if dset.dtype not in FLOAT_DTYPES:
+        raise InputError(
+            f"{path!r}: filter dataset {names[0]!r} has dtype {dset.dtype}; "
+            "expected float16, float32 or float64"
+        )
+    if shape[0] == 0:
+        raise InputError(f"{path!r}: filter dataset {names[0]!r} holds no filters")
+    return dset
+
+
+# ---------------------------------------------------------------------- attributes
+def _text(value) -> str:
+    if isinstance(value, bytes | np.bytes_):
+        return bytes(value).decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind == "S":
+        return value.tobytes().decode("utf-8")
+    return str(value)
+
+
+def _attr(obj, key: str, default=None, *, pickled: bool = False, where: str = ""):
+    """Read an attribute; ``pickled=True`` loads PyTables' pickled attributes safely."""
+    if key not in obj.attrs:
+        return default
+    value = obj.attrs[key]
+    if isinstance(value, h5py.Empty):
+        return default
+    if isinstance(value, np.ndarray) and value.dtype.kind == "V":
+        value = value.tobytes()
+    if isinstance(value, bytes | np.bytes_):
+        raw = bytes(value)
+        if pickled or raw.endswith(b"."):
+            try:
+                return safe_loads(raw, where=f"{where} attribute {key!r}")
+            except UnsafePickleError:
+                raise
+            except Exception:
+                if pickled:
+                    raise InputError(f"{where}: attribute {key!r} is not readable") from None
+        return raw.decode("utf-8", errors="replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------- meta
+def read_meta(f: h5py.File, path: str, key: str = "meta") -> pd.DataFrame:
+    """Rebuild the pandas DataFrame stored under ``key`` without unsafe unpickling."""
+    if key not in f:
+        raise InputError(f"{path!r} has no meta table '/{key}' (it holds {sorted(f)!r})")
+    g = f[key]
+    if not isinstance(g, h5py.Group):
+        raise InputError(f"{path!r}: '/{key}' is not a pandas table")
+    where = f"{path!r} /{key}"
+    kind = _attr(g, "pandas_type", where=where)
+    try:
+        if kind == "frame":
+            return _read_fixed_frame(g, where)
+        if kind == "frame_table":
+            return _read_table_frame(g, where)
+    except (InputError, UnsafePickleError):
+        raise
+    except (KeyError, ValueError, IndexError, TypeError, OSError) as exc:
+        raise InputError(f"{where} is not a readable pandas table: {exc}") from None
+    raise InputError(f"{where} is not a pandas DataFrame (pandas_type {kind!r})")
+
+
+def _decode_strings(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind == "S":
+        return np.array([v.decode("utf-8") for v in arr.ravel()], dtype=object).reshape(
+            arr.shape
+        )
+    return arr
+
+
+def _read_array(node: h5py.Dataset, where: str) -> np.ndarray:
+    """One fixed-format node: plain array, or pickled object array (VLArray)."""
+    cls = _attr(node, "CLASS")
+    if cls == "VLARRAY":
+        raw = node[0]
+        arr = safe_loads(np.asarray(raw).tobytes(), where=f"{where}/{node.name}")
+        if not isinstance(arr, np.ndarray):
+            raise InputError(f"{where}: {node.name} does not hold an array")
+        return arr
+    arr = node[()]
+    if node.id.get_type().get_class() == h5py.h5t.BITFIELD:
+        arr = arr.astype(bool)  # PyTables stores numpy bools as 8-bit bitfields
+    kind = _attr(node, "kind")
+    if kind == "string" or arr.dtype.kind == "S":
+        arr = _decode_strings(arr)
+    return arr
+
+
+def _index_from(g: h5py.Group, axis: str, where: str) -> pd.Index:
+    variety = _attr(g, f"{axis}_variety")
+    if variety == "multi":
+        nlev = int(_attr(g, f"{axis}_nlevels"))
+        levels, codes, names = [], [], []
+        for i in range(nlev):
+            lev = g[f"{axis}_level{i}"]
+            levels.append(_read_array(lev, where))
+            codes.append(g[f"{axis}_label{i}"][()])
+            names.append(_attr(lev, "name", where=where))
+        return pd.MultiIndex(levels=levels, codes=codes, names=names)
+    if variety != "regular":
+        raise InputError(f"{where}: unsupported index variety {variety!r}")
+    node = g[axis]
+    values = _read_array(node, where)
+    name = _attr(node, "name", where=where)
+    if _attr(node, "kind") == "datetime64":
+        values = values.astype("datetime64[ns]")
+    return pd.Index(values, name=name if isinstance(name, str) else None)
+
+
+def _read_fixed_frame(g: h5py.Group, where: str) -> pd.DataFrame:
+    columns = _index_from(g, "axis0", where)
+    index = _index_from(g, "axis1", where)
+    n = len(index)
+    data: dict = {}
+    for b in range(int(_attr(g, "nblocks", 0))):
+        items = _index_from(g, f"block{b}_items", where)
+        node = g[f"block{b}_values"]
+        values = _read_array(node, where)
+        if _attr(node, "CLASS") == "VLARRAY":
+            values = values.T  # object blocks are stored items x rows
+        values = np.asarray(values).reshape(n, len(items)) if values.size == n * len(
+            items
+        ) else values
+        if _attr(node, "value_type") == "datetime64":
+            values = values.astype("datetime64[ns]")
+        for j, col in enumerate(items):
+            data[col] = values[:, j]
+    missing = [c for c in columns if c not in data]
+    if missing:
+        raise InputError(f"{where}: columns {missing!r} have no data blocks")
+    df = pd.DataFrame({c: data[c] for c in columns}, index=index)
+    df.columns = columns
+    return df
+
+
+def _read_table_frame(g: h5py.Group, where: str) -> pd.DataFrame:
+    t = g["table"]
+    rows = t[()]
+    encoding = _attr(g, "encoding", "UTF-8") or "UTF-8"
+    nan_rep = _attr(g, "nan_rep", "nan", where=where)
+    non_index = _attr(g, "non_index_axes", [], pickled=True, where=where)
+    order = list(non_index[0][1]) if non_index else []
+    levels = _attr(g, "levels", None, where=where)
+    cols: dict = {}
+    for field_name in rows.dtype.names:
+        if field_name == "index":
+            continue
+        meta_kind = _attr(t, f"{field_name}_meta", None, where=where)
+        if meta_kind == "category":
+            raise InputError(
+                f"{where}: categorical column {field_name!r} is not supported; "
+                "re-save the meta table with plain columns"
+            )
+        names = _attr(t, f"{field_name}_kind", [field_name], pickled=True, where=where)
+        values = rows[field_name]
+        if values.ndim == 1:
+            values = values[:, None]
+        col_nan = _attr(t, f"{field_name}_nan_rep", nan_rep, where=where)
+        for j, name in enumerate(names):
+            v = values[:, j]
+            if v.dtype.kind == "S":
+                dec = np.array([s.decode(encoding) for s in v], dtype=object)
+                dec[dec == col_nan] = np.nan
+                v = dec
+            dtype = _attr(t, f"{field_name}_dtype", None, where=where)
+            if dtype == "bool":
+                v = v.astype(bool)
+            elif isinstance(dtype, str) and dtype.startswith("datetime64"):
+                v = v.astype("datetime64[ns]")
+            cols[name] = v
+    df = pd.DataFrame(cols)
+    if order:
+        df = df[[c for c in order if c in df.columns] + [c for c in df if c not in order]]
+    if levels:
+        df = df.set_index(list(levels))
+    elif "index" in rows.dtype.names:
+        idx = rows["index"]
+        if idx.dtype.kind == "S":
+            idx = _decode_strings(idx)
+        df.index = pd.Index(idx)
+    return df
+
+
+# --------------------------------------------------------------------- filter ids
+_RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+
+
+def parse_filter_ids(values, n_filters: int, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``[start, stop)`` rows from ``filter_ids`` ("a:b" inclusive, or int lists).
+
+    Raises
+    ------
+    InputError
+        Malformed, decreasing, out of range, non-contiguous list, or overlapping.
+    """
+    n = len(values)
+    start = np.empty(n, dtype=np.int64)
+    stop = np.empty(n, dtype=np.int64)
+    for i, v in enumerate(values):
+        if isinstance(v, bytes | np.bytes_):
+            v = bytes(v).decode("utf-8")
+        if isinstance(v, str):
+            m = _RANGE.match(v)
+            if not m:
+                raise InputError(
+                    f"{path!r}: filter_ids {v!r} in meta row {i} is not 'start:end'"
+                )
+            a, b = int(m.group(1)), int(m.group(2))
+        elif isinstance(v, list | tuple | np.ndarray):
+            ids = np.asarray(v).ravel()
+            if ids.size == 0 or ids.dtype.kind not in "iu":
+                raise InputError(
+                    f"{path!r}: filter_ids in meta row {i} is not a non-empty list of "
+                    f"integers ({str(v)[:60]!r})"
+                )
+            a, b = int(ids[0]), int(ids[-1])
+            if not np.array_equal(ids, np.arange(a, a + ids.size)):
+                raise InputError(
+                    f"{path!r}: filter_ids list in meta row {i} is not a contiguous "
+                    f"ascending range ({str(ids[:6].tolist())[:60]}...)"
+                )
+        else:
+            raise InputError(
+                f"{path!r}: filter_ids {v!r} in meta row {i} is neither 'start:end' "
+                "nor a list of ints"
+            )
+        if b < a:
+            raise InputError(
+                f"{path!r}: filter_ids {a}:{b} in meta row {i} is decreasing (end < start)"
+            )
+        if a < 0 or b >= n_filters:
+            raise InputError(
+                f"{path!r}: filter_ids {a}:{b} in meta row {i} lies outside the filter "
+                f"array (N={n_filters}); the file is truncated or the meta belongs to "
+                "another file"
+            )
+        start[i], stop[i] = a, b + 1
+    order = np.argsort(start, kind="stable")
+    s, e = start[order], stop[order]
+    bad = np.nonzero(s[1:] < e[:-1])[0]
+    if len(bad):
+        i, j = order[bad[0]], order[bad[0] + 1]
+        raise InputError(
+            f"{path!r}: filter_ids of meta rows {i} ({start[i]}:{stop[i] - 1}) and "
+            f"{j} ({start[j]}:{stop[j] - 1}) overlap"
+        )
+    return start, stop
+
+
+def normalize_meta(meta: pd.DataFrame, n_filters: int, path: str) -> tuple[pd.DataFrame, int]:
+    """Clean the meta table (METHOD §1) and add ``start``/``stop``.
+
+    Index levels named model_id/conv_depth/conv_depth_norm are also made columns;
+    v0.1.0's ``Datatype`` becomes ``Visual Category``; every ``Task`` containing
+    "Segmentation" becomes "Segmentation". Unknown columns are kept.
+
+    Returns
+    -------
+    (meta, unreferenced_rows)
+    """
+    if len(meta) == 0:
+        raise InputError(f"{path!r}: the meta table has no rows")
+    meta = meta.copy()
+    for name in meta.index.names:
+        if name in INDEX_LEVELS and name not in meta.columns:
+            meta[name] = meta.index.get_level_values(name)
+    if "Visual Category" not in meta.columns and "Datatype" in meta.columns:
+        meta["Visual Category"] = meta["Datatype"]
+    missing = [c for c in (*INDEX_LEVELS, "filter_ids") if c not in meta.columns]
+    if missing:
+        raise InputError(
+            f"{path!r}: the meta table lacks {missing!r} (columns: {list(meta.columns)[:12]!r})"
+        )
+    if "Task" in meta.columns:
+        meta["Task"] = clean_task(meta["Task"])
+    start, stop = parse_filter_ids(list(meta["filter_ids"]), n_filters, path)
+    meta["start"] = start
+    meta["stop"] = stop
+    unreferenced = int(n_filters - (stop - start).sum())
+    return meta, unreferenced
+
+
+def clean_task(task: pd.Series) -> pd.Series:
+    """Every value containing 'Segmentation' becomes 'Segmentation' (METHOD §1)."""
+    out = task.astype(object).copy()
+    seg = out.map(lambda v: isinstance(v, str) and "Segmentation" in v).astype(bool)
+    out[seg] = "Segmentation"
+    return out
+
+
+def read_source(path: str, *, name: str | None = None) -> Source:
+    """Open and validate a ``dataset.h5``: filter dataset, safe meta, layer rows.
+
+    Parameters
+    ----------
+    path : the file.
+    name : the filter dataset's name; default: 'filter' or 'filters', whichever exists.
+
+    Raises
+    ------
+    InputError
+        With a one-line message for every way the file can be unusable.
+    """
+    path = os.fspath(path)
+    with open_h5(path) as f:
+        dset = find_filters(f, path, name)
+        raw = read_meta(f, path)
+        meta, unref = normalize_meta(raw, dset.shape[0], path)
+        return Source(
+            path=path,
+            name=dset.name.lstrip("/"),
+            shape=tuple(dset.shape),
+            dtype=dset.dtype,
+            meta=meta,
+            unreferenced=unref,
+        )
+
+
+def read_rows(path: str, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of the filter dataset as an (n, 9) array."""
+    with h5py.File(path, "r", locking=False) as f:
+        d = f[name]
+        out = d[start:stop]
+    return out.reshape(stop - start, 9)
