@@ -1,0 +1,121 @@
+"""Groupings of meta rows (layers): a meta column, or the depth decile (METHOD §4).
+
+A grouping assigns every meta row a group label. Missing values form their own
+group labelled ``"nan"``. Labels come in natural order: sorted values (numbers
+numerically, text alphabetically, "nan" last), depth deciles in depth order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalysisError
+
+DEPTH_DECILE = "depth decile"
+DEFAULT_BY = ("Task", "Visual Category", DEPTH_DECILE, "model")
+NAN_LABEL = "nan"
+DECILE_LABELS = tuple(
+    ("[0.0, 0.1]" if i == 0 else f"({i / 10:.1f}, {(i + 1) / 10:.1f}]") for i in range(10)
+)
+_DEPTH_ALIASES = {"depth decile", "depth_decile", "depth-decile", "decile"}
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """One grouping: its name, file-name slug, labels, and each meta row's code."""
+
+    name: str
+    slug: str
+    labels: tuple[str, ...]
+    codes: np.ndarray  # (n_meta_rows,) int64 in 0..len(labels)-1
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.labels)
+
+
+def slugify(name: str) -> str:
+    """Lowercase, every run of non-alphanumerics replaced by ``_`` (``visual_category``)."""
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
+
+
+def depth_decile_codes(depth_norm: np.ndarray) -> np.ndarray:
+    """Decile code 0..9 of ``conv_depth_norm``, right-closed, 0 included; -1 outside."""
+    x = np.asarray(depth_norm, dtype=np.float64)
+    edges = np.array([i / 10 for i in range(11)])
+    codes = np.searchsorted(edges, x, side="left") - 1
+    codes[x == 0.0] = 0
+    codes[~((x >= 0.0) & (x <= 1.0))] = -1
+    return codes.astype(np.int64)
+
+
+def _sort_key(v):
+    if isinstance(v, bool | np.bool_):
+        return (0, float(v), "")
+    if isinstance(v, int | float | np.integer | np.floating):
+        return (0, float(v), "")
+    return (1, 0.0, str(v))
+
+
+def _label(v) -> str:
+    if isinstance(v, float | np.floating) and float(v).is_integer():
+        return str(v)
+    return str(v)
+
+
+def make_grouping(meta: pd.DataFrame, by: str) -> Grouping:
+    """The grouping of ``meta``'s rows by column ``by`` or by depth decile.
+
+    Raises
+    ------
+    AnalysisError
+        ``by`` is neither a meta column nor the depth decile.
+    """
+    if not isinstance(by, str) or not by:
+        raise AnalysisError(f"grouping {by!r} must be a non-empty column name")
+    if by.lower() in _DEPTH_ALIASES and by not in meta.columns:
+        codes = depth_decile_codes(meta["conv_depth_norm"].to_numpy())
+        labels = list(DECILE_LABELS)
+        if (codes < 0).any():
+            labels.append(NAN_LABEL)
+            codes = np.where(codes < 0, len(labels) - 1, codes)
+        return Grouping(DEPTH_DECILE, "depth_decile", tuple(labels), codes)
+    if by not in meta.columns:
+        cols = [c for c in meta.columns if c not in ("start", "stop", "chunk")]
+        raise AnalysisError(
+            f"cannot group by {by!r}: not a meta column nor 'depth decile' "
+            f"(columns: {', '.join(map(str, cols[:20]))}{' ...' if len(cols) > 20 else ''})"
+        )
+    col = meta[by]
+    na = col.isna().to_numpy()
+    values = col.to_numpy(dtype=object)
+    uniq = sorted({v for v, m in zip(values, na, strict=True) if not m}, key=_sort_key)
+    labels = [_label(v) for v in uniq]
+    lookup = {v: i for i, v in enumerate(uniq)}
+    codes = np.array(
+        [-1 if m else lookup[v] for v, m in zip(values, na, strict=True)], dtype=np.int64
+    )
+    if na.any():
+        labels.append(NAN_LABEL)
+        codes[codes < 0] = len(labels) - 1
+    if len(set(labels)) != len(labels):  # e.g. 1 and "1" in one column
+        raise AnalysisError(f"column {by!r} holds values that print alike: {labels[:10]!r}")
+    return Grouping(str(by), slugify(str(by)), tuple(labels), codes)
+
+
+def make_groupings(meta: pd.DataFrame, by) -> list[Grouping]:
+    """Groupings for each name in ``by`` (duplicates removed, order kept)."""
+    if isinstance(by, str):
+        by = [by]
+    out, seen = [], set()
+    for b in by:
+        g = make_grouping(meta, b)
+        if g.slug in seen:
+            continue
+        seen.add(g.slug)
+        out.append(g)
+    return out

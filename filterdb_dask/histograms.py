@@ -1,0 +1,154 @@
+"""Coefficient range, 2-D density and per-layer histograms (METHOD §3-4, §6).
+
+Pass 2 needs the PCA: it finds the global coefficient range ``[lo, hi]`` and the
+2-D density of coefficients 0 vs 1. Pass 3 needs the range: it bins all 9
+coefficients of every filter per layer (``layers x components x bins``), so that
+any grouping, also one asked for later, is a sum over layers. It also fills fine
+per-group histograms for the ridge-plot densities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from ._graph import map_chunks
+from .engines import get_kernels
+from .errors import AnalysisError
+
+DENSITY_BINS = 512
+DENSITY_RANGE = (-3.3, 3.3)
+
+
+def _validate_bins(bins, what="bins") -> int:
+    if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
+        raise AnalysisError(f"{what} must be a positive integer, got {bins!r}")
+    return int(bins)
+
+
+def _range_density_task(x, bounds, mean, comps, dedges, engine):
+    rng, dens = get_kernels(engine).range_density_chunk(x, bounds, mean, comps, dedges)
+    return rng[None, :], dens[None]
+
+
+def coef_range_density(
+    store,
+    pca: dict,
+    *,
+    density_bins: int = DENSITY_BINS,
+    density_range: tuple[float, float] = DENSITY_RANGE,
+    engine: str = "auto",
+):
+    """Lazy coefficient range and 2-D density counts (pass 2).
+
+    Returns
+    -------
+    (coef_range, density): dask arrays of shape (2,) ``[lo, hi]`` and
+    (density_bins, density_bins) int64 counts (coefficient 0 on axis 0).
+    """
+    density_bins = _validate_bins(density_bins, "density_bins")
+    get_kernels(engine)
+    dedges = np.linspace(float(density_range[0]), float(density_range[1]), density_bins + 1)
+    n = store.filters.numblocks[0]
+    rng, dens = map_chunks(
+        _range_density_task,
+        store.filters,
+        [(b,) for b in store.chunk_bounds()],
+        outputs=[([1] * n, (2,), np.float64), ([1] * n, (density_bins, density_bins), np.int64)],
+        name="coef-range-density",
+        common_args=(pca["mean"], pca["components"], dedges, engine),
+    )
+    lo = rng[:, 0].min()
+    hi = rng[:, 1].max()
+    import dask.array as da
+
+    return da.stack([lo, hi]), dens.sum(axis=0)
+
+
+def _histogram_task(x, bounds, groups, mean, comps, edges, n_groups, fedges, engine):
+    hist, fine = get_kernels(engine).histogram_chunk(
+        x, bounds, mean, comps, edges, groups, n_groups, fedges
+    )
+    return hist, fine[None]
+
+
+def layer_histograms(
+    store,
+    pca: dict,
+    coef_range,
+    *,
+    bins: int = 70,
+    layer_groups: np.ndarray | None = None,
+    n_groups: int = 0,
+    fine_bins: int = 256,
+    engine: str = "auto",
+):
+    """Lazy per-layer histograms and fine per-group histograms (pass 3).
+
+    Parameters
+    ----------
+    store : FilterStore
+    pca : the global PCA (``mean``, ``components``).
+    coef_range : computed ``[lo, hi]``.
+    bins : bins on ``[lo, hi]`` (numpy semantics, last bin closed).
+    layer_groups : (n_meta_rows, G) group codes of each meta row in G groupings
+        (codes unique across groupings, -1 = not in a fine histogram), in meta order.
+    n_groups : number of codes.
+    fine_bins : bins of the fine histograms on ``[lo, hi]``.
+
+    Returns
+    -------
+    (hist, fine): dask arrays (n_layers, 9, bins) uint32 in ``store.layer_order()``
+    and (n_groups, 9, fine_bins) int64.
+    """
+    bins = _validate_bins(bins)
+    fine_bins = _validate_bins(fine_bins, "fine_bins")
+    get_kernels(engine)
+    lo, hi = (float(v) for v in np.asarray(coef_range))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise AnalysisError(f"coefficient range {[lo, hi]!r} is not finite (no filters?)")
+    edges = kernels.histogram_edges(bins, lo, hi)
+    fedges = kernels.histogram_edges(fine_bins, lo, hi)
+    n_meta = len(store.meta)
+    if layer_groups is None:
+        layer_groups = np.full((n_meta, 0), -1, dtype=np.int64)
+    layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(n_meta, -1)
+    order = store.layer_order()
+    sorted_groups = layer_groups[order]
+    bounds = store.chunk_bounds()
+    per_chunk, pos = [], 0
+    for b in bounds:
+        per_chunk.append((b, sorted_groups[pos : pos + len(b)]))
+        pos += len(b)
+    n = store.filters.numblocks[0]
+    hist, fine = map_chunks(
+        _histogram_task,
+        store.filters,
+        per_chunk,
+        outputs=[
+            ([len(b) for b in bounds], (9, bins), np.uint32),
+            ([1] * n, (n_groups, 9, fine_bins), np.int64),
+        ],
+        name="layer-histograms",
+        common_args=(pca["mean"], pca["components"], edges, n_groups, fedges, engine),
+    )
+    return hist, fine.sum(axis=0)
+
+
+def group_histograms(layer_hist: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum per-layer histograms into groups.
+
+    Parameters
+    ----------
+    layer_hist : (n_layers, K, bins) counts, meta order.
+    codes : (n_layers,) group code of each layer, -1 = none.
+    n_groups : number of groups.
+
+    Returns
+    -------
+    (n_groups, K, bins) int64.
+    """
+    out = np.zeros((n_groups, *layer_hist.shape[1:]), dtype=np.int64)
+    ok = codes >= 0
+    np.add.at(out, codes[ok], layer_hist[ok].astype(np.int64))
+    return out

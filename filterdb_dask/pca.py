@@ -1,0 +1,89 @@
+"""PCA of the scaled filters from mergeable per-layer moments (METHOD §2-3).
+
+Pass 1 computes, per layer, the count, mean and centred 9x9 scatter of the
+scaled filters (plus the layer-quality statistics, which need the same pass).
+Merging them exactly (Chan et al.) gives the global PCA and the PCA of any
+selection of layers without another pass over the filters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from ._graph import map_chunks
+from .engines import get_kernels
+from .errors import AnalysisError
+
+
+def _stats_task(x, bounds, engine):
+    return (get_kernels(engine).layer_stats_chunk(x, bounds),)
+
+
+def layer_stats(store, *, engine: str = "auto"):
+    """Lazy per-layer statistics of pass 1.
+
+    Parameters
+    ----------
+    store : FilterStore
+    engine : 'auto', 'numba' or 'numpy'.
+
+    Returns
+    -------
+    dask array (n_layers, kernels.N_STATS) float64, rows in ``store.layer_order()``.
+    """
+    get_kernels(engine)  # validate before building
+    bounds = store.chunk_bounds()
+    (stats,) = map_chunks(
+        _stats_task,
+        store.filters,
+        [(b,) for b in bounds],
+        outputs=[([len(b) for b in bounds], (kernels.N_STATS,), np.float64)],
+        name="layer-stats",
+        common_args=(engine,),
+    )
+    return stats
+
+
+def pca_from_stats(stats: np.ndarray, select: np.ndarray | None = None) -> dict:
+    """PCA of the filters of the selected layers from their pass-1 statistics.
+
+    Parameters
+    ----------
+    stats : (n_layers, N_STATS) from :func:`layer_stats`, computed.
+    select : optional boolean mask or index array of layers.
+
+    Returns
+    -------
+    dict as :func:`filterdb_dask.kernels.pca_finalize`.
+    """
+    s = stats if select is None else stats[select]
+    n, mean, m2 = kernels.moments_combine(
+        s[:, kernels.STAT_N], s[:, kernels.STAT_MEAN], s[:, kernels.STAT_M2]
+    )
+    return kernels.pca_finalize(n, mean, m2)
+
+
+def group_covariances(stats: np.ndarray, codes: np.ndarray, n_groups: int):
+    """Count, mean and covariance of the scaled filters of each group of layers."""
+    counts = np.zeros(n_groups)
+    means = np.zeros((n_groups, 9))
+    covs = np.full((n_groups, 9, 9), np.nan)
+    for g in range(n_groups):
+        sel = codes == g
+        n, mu, m2 = kernels.moments_combine(
+            stats[sel, kernels.STAT_N], stats[sel, kernels.STAT_MEAN],
+            stats[sel, kernels.STAT_M2],
+        )
+        counts[g], means[g] = n, mu
+        if n > 1:
+            covs[g] = m2 / (n - 1)
+    return counts, means, covs
+
+
+def validate_pca(pca: dict) -> None:
+    """Refuse a PCA that cannot define coefficients (fewer than two filters)."""
+    if pca["n_filters"] < 2 or not np.all(np.isfinite(pca["components"])):
+        raise AnalysisError(
+            f"the PCA needs at least two filters; the store's layers hold {pca['n_filters']}"
+        )
