@@ -1,0 +1,206 @@
+"""Each per-chunk kernel against a plain reference, and numba against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from filterdb_dask import kernels as K
+from filterdb_dask.engines import get_kernels, numba_available
+from filterdb_dask.errors import AnalysisError
+from tests import reference as ref
+
+ENGINES = ["numpy"] + (["numba"] if numba_available() else [])
+
+
+def _data(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 9)).astype(np.float32)
+    x[:50] = 0  # all-zero filters
+    x[50:400] *= 1e-5  # sparse ones
+    return x
+
+
+def test_scale_matches_reference_and_keeps_zero_filters():
+    x = _data()
+    s = K.scale_filters(x)
+    np.testing.assert_array_equal(s, ref.scale(x))
+    assert np.all(s[:50] == 0)
+    assert np.allclose(np.abs(s[60:]).max(axis=1), 1.0)
+
+
+def test_pca_finalize_matches_sklearn():
+    xs = ref.scale(_data(5000))
+    b = np.array([[0, 1000], [1000, 1001], [1001, 5000]])
+    stats = K.layer_stats_chunk(xs * 1.0, b)  # already scaled: scaling again is identity
+    n, mu, m2 = K.moments_combine(stats[:, K.STAT_N], stats[:, K.STAT_MEAN], stats[:, K.STAT_M2])
+    got = K.pca_finalize(n, mu, m2)
+    want = ref.pca(ref.scale(xs))
+    np.testing.assert_allclose(got["mean"], want["mean"], atol=1e-14)
+    np.testing.assert_allclose(got["explained_variance_ratio"],
+                               want["explained_variance_ratio"], rtol=1e-9, atol=1e-12)
+    cos = np.abs(np.sum(got["components"] * want["components"], axis=1))
+    assert np.all(cos >= 1 - 1e-9)
+    # sign convention: the largest |entry| of every component is positive
+    idx = np.argmax(np.abs(got["components"]), axis=1)
+    assert np.all(got["components"][np.arange(9), idx] > 0)
+
+
+@pytest.mark.parametrize("bins", [1, 7, 70])
+def test_bin_indices_match_numpy_on_edges(bins):
+    lo, hi = -2.5, 3.25
+    edges = K.histogram_edges(bins, lo, hi)
+    rng = np.random.default_rng(1)
+    vals = np.concatenate([edges, rng.uniform(lo, hi, 5000), [lo - 1, hi + 1],
+                           np.nextafter(edges, np.inf), np.nextafter(edges, -np.inf)])
+    idx = K.bin_indices(vals, edges)
+    got = np.bincount(idx[idx >= 0], minlength=bins)
+    want, _ = np.histogram(vals, bins=bins, range=(lo, hi))
+    np.testing.assert_array_equal(got, want)
+    # each value individually, too
+    for v, i in zip(vals[:bins + 1], idx[:bins + 1]):
+        h, _ = np.histogram([v], bins=bins, range=(lo, hi))
+        assert i == (np.argmax(h) if h.sum() else -1)
+
+
+def test_empty_range_is_widened_like_numpy():
+    e = K.histogram_edges(4, 2.0, 2.0)
+    _, want = np.histogram([2.0], bins=4, range=(2.0, 2.0))
+    np.testing.assert_array_equal(e, want)
+
+
+def test_searchsorted_bins_match_histogram2d():
+    edges = np.linspace(-3.3, 3.3, 513)
+    rng = np.random.default_rng(2)
+    a = np.concatenate([rng.normal(size=4000), edges, [-4, 4]])
+    b = np.concatenate([rng.normal(size=4000), edges[::-1], [0, 0]])
+    ia, ib = K.bin_indices_searchsorted(a, edges), K.bin_indices_searchsorted(b, edges)
+    ok = (ia >= 0) & (ib >= 0)
+    got = np.bincount(ia[ok] * 512 + ib[ok], minlength=512 * 512).reshape(512, 512)
+    want, _, _ = np.histogram2d(a, b, bins=[edges, edges])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_layer_quality_matches_reference():
+    x = _data(3000)
+    x[2000:2600] = 0  # an all-zero layer
+    b = np.array([[0, 1000], [1000, 1001], [1001, 2000], [2000, 2600], [2600, 3000]])
+    got = K.quality_finalize(K.layer_stats_chunk(x, b))
+    for i, (a, e) in enumerate(b):
+        sp, ve, vec, nc = ref.layer_quality(x[a:e])
+        assert got["sparsity"][i] == pytest.approx(sp, abs=1e-12)
+        np.testing.assert_allclose(got["variance_entropy"][i], ve, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["variance_entropy_clean"][i], vec, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["variance_entropy_norm"][i],
+                                   ve / ref.entropy_norm(e - a), rtol=1e-9)
+        np.testing.assert_allclose(got["variance_entropy_clean_norm"][i],
+                                   vec / ref.entropy_norm(nc), rtol=1e-9)
+    assert np.isnan(got["variance_entropy"][1])  # one filter: undefined
+    assert got["sparsity"][3] == 1.0 and got["variance_entropy"][3] == 0.0
+
+
+def test_variance_entropy_bounds():
+    rng = np.random.default_rng(3)
+    iso = rng.normal(size=(200000, 9))
+    ve = K.variance_entropy_from_scatter(iso.T @ iso, len(iso))
+    assert ve == pytest.approx(np.log10(9), abs=1e-3)
+    rank1 = np.outer(rng.normal(size=100), rng.normal(size=9))
+    d = rank1 - rank1.mean(0)
+    assert K.variance_entropy_from_scatter(d.T @ d, 100) == pytest.approx(0, abs=1e-9)
+
+
+def test_kl_matches_scipy_pairwise():
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 50, size=(6, 9, 70))
+    counts[2] = 0  # an empty group
+    counts[3, :, :35] = 0
+    w = rng.dirichlet(np.ones(9))
+    m = K.shift_matrix(counts, 0.1, w)
+    p = K.kl_probabilities(counts, 0.1)
+    for g in range(6):
+        for h in range(6):
+            want = 0.0 if g == h else sum(
+                w[k] * (scipy.stats.entropy(p[g, k], p[h, k]) + scipy.stats.entropy(p[h, k], p[g, k]))
+                for k in range(9))
+            assert m[g, h] == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert np.allclose(m, m.T) and np.all(np.diag(m) == 0)
+    np.testing.assert_allclose(p[2, 0], np.full(70, 1 / 70))  # empty group: uniform
+
+
+def test_kl_probability_uses_float32_eps_for_empty_bins():
+    c = np.array([[0, 2, 2]])
+    p = K.kl_probabilities(c, 0.5)
+    d = np.array([K.EPS_KL, 2 / (4 * 0.5), 2 / (4 * 0.5)])
+    np.testing.assert_allclose(p[0], d / d.sum(), rtol=1e-15)
+    assert K.EPS_KL == pytest.approx(1.1920929e-07)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba not installed")
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 400),
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+    seed=st.integers(0, 2**16),
+    f64=st.booleans(),
+)
+def test_numba_equals_numpy(n, cuts, seed, f64):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 9)).astype(np.float64 if f64 else np.float32)
+    if n > 10:
+        x[:5] = 0
+    pts = sorted({0, n, *[c for c in cuts if c <= n]})
+    b = np.array([[a, e] for a, e in zip(pts[:-1], pts[1:])] or [[0, 0]], dtype=np.int64)
+    if n:
+        b = b[::2]  # leave gaps (unreferenced rows)
+    npk, nbk = get_kernels("numpy"), get_kernels("numba")
+    s1, s2 = npk.layer_stats_chunk(x, b), nbk.layer_stats_chunk(x, b)
+    np.testing.assert_allclose(s1, s2, rtol=1e-9, atol=1e-9, equal_nan=True)
+    mean = rng.normal(size=9) * 0.1
+    comps = np.linalg.qr(rng.normal(size=(9, 9)))[0]
+    edges = K.histogram_edges(13, -2.0, 2.0)
+    fedges = K.histogram_edges(40, -2.0, 2.0)
+    groups = rng.integers(-1, 3, size=(len(b), 2))
+    h1, f1 = npk.histogram_chunk(x, b, mean, comps, edges, groups, 3, fedges)
+    h2, f2 = nbk.histogram_chunk(x, b, mean, comps, edges, groups, 3, fedges)
+    np.testing.assert_array_equal(h1, h2)
+    np.testing.assert_array_equal(f1, f2)
+    de = np.linspace(-1.5, 1.5, 33)
+    r1, d1 = npk.range_density_chunk(x, b, mean, comps, de)
+    r2, d2 = nbk.range_density_chunk(x, b, mean, comps, de)
+    np.testing.assert_array_equal(r1, r2)
+    np.testing.assert_array_equal(d1, d2)
+
+
+def test_histogram_chunk_matches_np_histogram_per_layer():
+    x = _data(2000)
+    b = np.array([[0, 700], [900, 2000]])
+    rng = np.random.default_rng(5)
+    mean = rng.normal(size=9) * 0.1
+    comps = np.linalg.qr(rng.normal(size=(9, 9)))[0]
+    edges = K.histogram_edges(70, -2.2, 2.2)
+    for eng in ENGINES:
+        hist, _ = get_kernels(eng).histogram_chunk(
+            x, b, mean, comps, edges, np.full((2, 0), -1), 0, edges)
+        for i, (a, e) in enumerate(b):
+            c = (ref.scale(x[a:e]) - mean) @ comps.T
+            for k in range(9):
+                want, _ = np.histogram(c[:, k], bins=70, range=(-2.2, 2.2))
+                np.testing.assert_array_equal(hist[i, k], want)
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(AnalysisError, match="engine 'gpu' is not one of"):
+        get_kernels("gpu")
+
+
+def test_binned_kde_integrates_to_one():
+    edges = np.linspace(-3, 3, 257)
+    rng = np.random.default_rng(6)
+    c, _ = np.histogram(rng.normal(size=100000), bins=edges)
+    bw = K.silverman_bandwidth(1.0, 1.349, 100000)
+    d = K.binned_kde(c, edges, bw)
+    assert (d * (edges[1] - edges[0])).sum() == pytest.approx(1.0, abs=1e-3)
+    assert K.silverman_bandwidth(2.0, 1.349, 32) == pytest.approx(0.9 * 32 ** -0.2)
