@@ -155,6 +155,7 @@ class Results:
             "bin_edges": (("bin_edge",), edges),
             "density_edges": (("density_edge",), self.density_edges),
             "fine_edges": (("fine_edge",), self.fine_edges),
+            "fine_centres": (("fine_bin",), (self.fine_edges[:-1] + self.fine_edges[1:]) / 2),
             **layer_coords,
         }
         for g in self.groupings:
@@ -166,6 +167,9 @@ class Results:
             if g.slug in self.fine_hist:
                 data[f"fine_hist_{g.slug}"] = ((dim, "component", "fine_bin"),
                                                self.fine_hist[g.slug])
+                rd = self.ridge(g.slug)
+                data[f"ridge_{g.slug}"] = ((dim, "component", "fine_bin"), rd["density"])
+                data[f"ridge_bandwidth_{g.slug}"] = ((dim, "component"), rd["bandwidth"])
         ds = xr.Dataset(data, coords=coords)
         ds.attrs.update({
             "title": "CNN Filter DB analysis (filterdb_dask)",

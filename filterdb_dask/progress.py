@@ -20,8 +20,11 @@ VERBOSITY = 1
 class Reporter:
     """Draws ``done / total`` for one labelled step on stderr."""
 
-    def __init__(self, label: str, *, verbosity: int | None = None, stream=None):
+    def __init__(
+        self, label: str, *, verbosity: int | None = None, stream=None, unit: str = "tasks"
+    ):
         self.label = label
+        self.unit = unit
         self.verbosity = VERBOSITY if verbosity is None else verbosity
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -48,7 +51,7 @@ class Reporter:
             if decile > self._last_decile:
                 self._last_decile = decile
                 self.stream.write(
-                    f"{self.label}: {100 * frac:.0f}% ({done}/{total} tasks, "
+                    f"{self.label}: {100 * frac:.0f}% ({done:,}/{total:,} {self.unit}, "
                     f"{now - self.t0:.1f}s)\n"
                 )
                 self.stream.flush()

@@ -1,0 +1,460 @@
+"""Command line: ``python -m filterdb_dask.run`` / ``filterdb-dask``.
+
+Parses arguments, sets up the scheduler (``cluster.get_client``) and dispatches;
+no analysis logic lives here. Exit codes: 0 success, 1 runtime error, 2 usage
+error. Errors print one line on stderr; ``--debug`` re-raises them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import textwrap
+
+from . import progress
+from .errors import FilterDBError
+
+PROG = "filterdb-dask"
+DEMO_FILTERS = 3_000_000
+DEMO_MODELS = 40
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+def _count(text: str) -> int:
+    """'3M', '50M', '1.5G', '200k', '1464797156' -> int."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 2000000, 3M, 1.5G)")
+    mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}[m.group(2).lower()]
+    value = float(m.group(1)) * mult
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole count")
+    return int(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
+def default_cache_dir() -> str:
+    """Where the no-argument demo keeps its data (``FILTERDB_DASK_CACHE`` overrides)."""
+    env = os.environ.get("FILTERDB_DASK_CACHE")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "filterdb_dask")
+
+
+# ------------------------------------------------------------------------- parser
+def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
+    from .cluster import JOBQUEUE, SCHEDULERS
+
+    g = p.add_argument_group("scheduler (default: a local distributed cluster)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="distributed",
+                   help="dask scheduler; 'distributed' starts a local cluster on 127.0.0.1")
+    g.add_argument("--address", metavar="URL",
+                   help="an existing scheduler, e.g. tcp://10.0.0.5:8786 (tls:// uses "
+                        "Dask's distributed.comm.tls config)")
+    g.add_argument("--scheduler-file", metavar="FILE",
+                   help="scheduler file of 'dask scheduler --scheduler-file' or dask-mpi")
+    g.add_argument("--cluster", choices=sorted(JOBQUEUE),
+                   help="start workers as batch jobs with dask-jobqueue (site settings from "
+                        "Dask config jobqueue.<name>.*)")
+    g.add_argument("--jobs", type=_positive_int, default=1, help="batch jobs (--cluster)")
+    g.add_argument("--cores", type=_positive_int, help="cores per job (--cluster)")
+    g.add_argument("--memory", help="memory per job, e.g. 8GB (--cluster)")
+    g.add_argument("--walltime", help="walltime per job, e.g. 01:00:00 (--cluster)")
+    g.add_argument("--queue", help="queue/partition (--cluster)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the batch job script and exit (--cluster)")
+    g.add_argument("--workers", type=_positive_int,
+                   help="local cluster: worker processes (default: one per core)")
+    g.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 2GB")
+
+
+def _cluster_options(args):
+    from .cluster import ClusterOptions
+
+    return ClusterOptions(
+        scheduler=args.scheduler, address=args.address, scheduler_file=args.scheduler_file,
+        cluster=args.cluster, jobs=args.jobs, cores=args.cores, memory=args.memory,
+        walltime=args.walltime, queue=args.queue, dry_run=args.dry_run,
+        workers=args.workers, memory_limit=args.memory_limit,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    top.add_argument("-v", "--verbose", action="store_true", help="more output")
+    top.add_argument("--debug", action="store_true", help="show tracebacks")
+    # the same flags after the command; SUPPRESS keeps them from resetting the top ones
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress output")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="more output")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[top],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The CNN Filter DB analysis (Gavrikov & Keuper, CVPR 2022), out of "
+                    "core and in parallel with Dask.",
+        epilog=textwrap.dedent(f"""\
+            Without a command: generate a small synthetic DB ({DEMO_FILTERS:,} filters,
+            cached), convert it, analyse it and write an HTML report.
+
+            examples:
+              {PROG} synth dataset.h5 --filters 50M --models 300
+              {PROG} convert dataset.h5 dataset.zarr
+              {PROG} analyze dataset.zarr --out results/
+              {PROG} analyze dataset.zarr --out results/ --cluster slurm --jobs 8
+            """),
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, help_, examples):
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="examples:\n" + textwrap.indent(examples, "  "))
+        return sp
+
+    s = add("synth", "write a realistic synthetic dataset.h5 (published layout)",
+            f"{PROG} synth dataset.h5 --filters 3M --models 40 --seed 0\n"
+            f"{PROG} synth big.h5 --filters 1.4G --models 800 --layout cube64 --name filters\n")
+    s.add_argument("out", help="the .h5 file to write")
+    s.add_argument("--filters", type=_count, default=DEMO_FILTERS, help="filters N (3M, 1.4G)")
+    s.add_argument("--models", type=_positive_int, default=DEMO_MODELS, help="models")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    s.add_argument("--layout", choices=("flat32", "cube64", "flat64", "cube32"),
+                   default="flat32", help="float32 (N, 9) or float64 (N, 3, 3) ...")
+    s.add_argument("--name", choices=("filter", "filters"), default="filter",
+                   help="filter dataset name")
+    s.add_argument("--meta-format", choices=("fixed", "table"), default="fixed")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+    c = add("convert", "convert dataset.h5 into a model-aligned Zarr store (resumable)",
+            f"{PROG} convert dataset.h5 dataset.zarr\n"
+            f"{PROG} convert dataset.h5 dataset.zarr --dtype float32 --chunk-filters 4M\n")
+    c.add_argument("source", help="dataset.h5")
+    c.add_argument("target", help="store directory (created or resumed)")
+    c.add_argument("--chunk-filters", type=_count, default=1 << 20,
+                   help="largest chunk in filters (default 1048576)")
+    c.add_argument("--dtype", choices=("float32", "float64"),
+                   help="store dtype (default: the source's; float32 halves the store)")
+    c.add_argument("--codec", choices=("lz4", "zstd", "none"), default="lz4")
+    c.add_argument("--filters-name", help="filter dataset name if not filter/filters")
+    _add_scheduler_options(c)
+    c.set_defaults(scheduler="threads")
+
+    v = add("verify", "re-check a store's checksums (and every row against the source)",
+            f"{PROG} verify dataset.zarr\n{PROG} verify dataset.zarr dataset.h5\n")
+    v.add_argument("store")
+    v.add_argument("source", nargs="?")
+    _add_scheduler_options(v)
+    v.set_defaults(scheduler="threads")
+
+    i = add("info", "what a store holds: models, layers, filters, groups, chunks, size",
+            f"{PROG} info dataset.zarr\n{PROG} info dataset.zarr --json\n")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    a = add("analyze", "run the whole analysis (3 passes) and write results + report",
+            f"{PROG} analyze dataset.zarr --out results/\n"
+            f"{PROG} analyze dataset.zarr --out r/ --by Task --by 'depth decile' --bins 70\n"
+            f"{PROG} analyze dataset.zarr --out r/ --subset 'Visual Category=fractals'\n"
+            f"{PROG} analyze dataset.zarr --out r/ --address tcp://127.0.0.1:8786\n")
+    a.add_argument("store")
+    a.add_argument("--out", required=True, help="results directory")
+    a.add_argument("--by", action="append", metavar="COL",
+                   help="grouping: meta column or 'depth decile' (repeatable; default Task, "
+                        "Visual Category, depth decile, model)")
+    a.add_argument("--bins", type=_positive_int, default=70)
+    a.add_argument("--fine-bins", type=_positive_int, default=256,
+                   help="bins of the ridge-plot histograms")
+    a.add_argument("--subset", action="append", metavar="COL=VALUE",
+                   help="subset PCA (repeatable; default one per Visual Category)")
+    a.add_argument("--engine", choices=("auto", "numba", "numpy"), default="auto")
+    a.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    _add_scheduler_options(a)
+
+    r = add("report", "(re)build DIR/report.html and PNGs from an analysis directory",
+            f"{PROG} report results/\n")
+    r.add_argument("dir")
+
+    g = add("ingest", "add ONNX / PyTorch models to a dataset.h5 (see README)",
+            f"{PROG} ingest model.onnx --into dataset.h5 --task Classification\n")
+    g.add_argument("models", nargs="+")
+    g.add_argument("--into", required=True)
+    return p
+
+
+# ----------------------------------------------------------------------- commands
+def _verbosity(args) -> int:
+    return 0 if args.quiet else (2 if args.verbose else 1)
+
+
+def cmd_synth(args) -> int:
+    from convert.synth import synthesize
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"{args.out!r} exists; pass --overwrite to replace it")
+    rep = progress.Reporter("synth", verbosity=_verbosity(args), unit="filters")
+    meta = synthesize(args.out, n_filters=args.filters, n_models=args.models, seed=args.seed,
+                      layout=args.layout, name=args.name, meta_format=args.meta_format,
+                      progress=rep.update)
+    rep.finish()
+    print(f"wrote {args.out}: {args.filters:,} filters, {args.models} models, "
+          f"{len(meta):,} layers")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from convert.write import convert
+
+    from .cluster import get_client
+
+    with get_client(_cluster_options(args), verbosity=_verbosity(args)):
+        res = convert(args.source, args.target, chunk_filters=args.chunk_filters,
+                      dtype=args.dtype, codec=args.codec, filters_name=args.filters_name,
+                      verbosity=_verbosity(args))
+    note = f", {res.unreferenced:,} rows referenced by no meta row" if res.unreferenced else ""
+    print(f"converted {args.source} -> {res.path}: {res.n_filters:,} filters in "
+          f"{res.n_chunks} chunks ({res.written} written, {res.skipped} already done), "
+          f"dtype {res.dtype}{note}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from convert.verify import verify
+
+    from .cluster import get_client
+
+    with get_client(_cluster_options(args), verbosity=_verbosity(args)):
+        rep = verify(args.store, args.source, verbosity=_verbosity(args))
+    if rep.ok:
+        what = " and the source" if rep.checked_source else ""
+        print(f"{args.store}: {rep.chunks} chunks OK (checksums{what})")
+        return 0
+    for p in rep.problems:
+        print(f"{args.store}: {p}", file=sys.stderr)
+    print(f"{args.store}: {len(rep.problems)} problem(s)", file=sys.stderr)
+    return 1
+
+
+def store_info(path: str) -> dict:
+    """Summary of a store for ``info``."""
+    import numpy as np
+
+    from .groups import DEFAULT_BY, make_grouping
+    from .store import open_store
+
+    st = open_store(path)
+    size = sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+    )
+    sizes = np.diff(st.plan, axis=1).ravel()
+    groups = {}
+    for by in DEFAULT_BY:
+        try:
+            g = make_grouping(st.meta, by)
+        except FilterDBError:
+            continue
+        groups[g.name] = len(g.labels)
+    return {
+        "store": path,
+        "filters": st.n_filters,
+        "models": int(st.meta["model_id"].nunique()),
+        "layers": len(st.meta),
+        "dtype": st.attrs["dtype"],
+        "source": st.attrs["source"],
+        "chunks": st.n_chunks,
+        "chunk_filters": {"min": int(sizes.min()), "median": int(np.median(sizes)),
+                          "max": int(sizes.max())},
+        "codec": st.attrs.get("codec"),
+        "size_bytes": size,
+        "unreferenced_filters": st.attrs.get("unreferenced_filters", 0),
+        "groups": groups,
+        "columns": [str(c) for c in st.meta.columns if c not in ("start", "stop", "chunk")],
+    }
+
+
+def cmd_info(args) -> int:
+    info = store_info(args.store)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    src = info["source"]
+    print(f"store      {info['store']}")
+    print(f"filters    {info['filters']:,} ({info['dtype']}; source {src['dtype']} "
+          f"{tuple(src['shape'])} '{src['name']}')")
+    print(f"models     {info['models']:,}")
+    print(f"layers     {info['layers']:,}")
+    cf = info["chunk_filters"]
+    print(f"chunks     {info['chunks']} (filters per chunk: min {cf['min']:,}, median "
+          f"{cf['median']:,}, max {cf['max']:,}); codec {info['codec']}")
+    print(f"size       {info['size_bytes'] / 2**20:,.1f} MiB on disk")
+    if info["unreferenced_filters"]:
+        print(f"unreferenced rows {info['unreferenced_filters']:,}")
+    print("groups     " + ", ".join(f"{k}: {v}" for k, v in info["groups"].items()))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze
+    from .cluster import get_client
+    from .groups import DEFAULT_BY
+    from .store import open_store
+
+    store = open_store(args.store)  # fail fast, before any cluster starts
+    subsets = None
+    if args.subset:
+        subsets = {}
+        for spec in args.subset:
+            if "=" not in spec:
+                raise UsageError(f"--subset {spec!r} is not COL=VALUE")
+            subsets[spec] = spec
+    opts = _cluster_options(args)
+    if args.dry_run:
+        return _dry_run(opts)
+    with get_client(opts, verbosity=_verbosity(args)):
+        res = analyze(store, by=args.by or list(DEFAULT_BY), bins=args.bins,
+                      subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
+                      verbosity=_verbosity(args))
+    res.settings.update({"scheduler": _describe_scheduler(opts)})
+    res.write(args.out)
+    print(f"results: {os.path.abspath(args.out)}")
+    if not args.no_report:
+        from .report import write_report
+
+        path = write_report(args.out)
+        print(f"report: {path}")
+    return 0
+
+
+def _describe_scheduler(opts) -> str:
+    if opts.address:
+        return f"existing scheduler {opts.address}"
+    if opts.scheduler_file:
+        return f"scheduler file {opts.scheduler_file}"
+    if opts.cluster:
+        return f"dask-jobqueue {opts.cluster}, {opts.jobs} job(s)"
+    return "local distributed cluster" if opts.scheduler == "distributed" else opts.scheduler
+
+
+def _dry_run(opts) -> int:
+    from .cluster import jobqueue_cluster
+
+    if not opts.cluster:
+        raise UsageError("--dry-run needs --cluster")
+    cluster = jobqueue_cluster(opts)
+    try:
+        print(cluster.job_script())
+    finally:
+        cluster.close()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.dir)}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    raise FilterDBError("ingest is not available in this version (see README, issue 6)")
+
+
+def cmd_demo(args) -> int:
+    """No arguments: synth (cached) -> convert (cached) -> analyze -> report."""
+    from convert.synth import synthesize
+    from convert.write import convert
+
+    from .analysis import analyze
+    from .cluster import ClusterOptions, get_client
+    from .report import write_report
+
+    verb = _verbosity(args)
+    cache = default_cache_dir()
+    demo = os.path.join(cache, "demo")
+    os.makedirs(demo, exist_ok=True)
+    h5 = os.path.join(demo, "dataset.h5")
+    store = os.path.join(demo, "dataset.zarr")
+    out = os.path.join(demo, "results")
+    print(f"filterdb-dask demo: working in {demo}", flush=True)
+    if not os.path.exists(h5):
+        rep = progress.Reporter("synth", verbosity=verb, unit="filters")
+        synthesize(h5, n_filters=DEMO_FILTERS, n_models=DEMO_MODELS, seed=0,
+                   progress=rep.update)
+        rep.finish()
+    with get_client(ClusterOptions(), verbosity=verb):
+        convert(h5, store, verbosity=verb)
+        res = analyze(store, verbosity=verb)
+    res.settings.update({"scheduler": "local distributed cluster"})
+    res.write(out)
+    path = write_report(out)
+    print(f"results: {out}")
+    print(f"report: {path}")
+    return 0
+
+
+COMMANDS = {
+    "synth": cmd_synth, "convert": cmd_convert, "verify": cmd_verify, "info": cmd_info,
+    "analyze": cmd_analyze, "report": cmd_report, "ingest": cmd_ingest, None: cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or usage error (2)
+        return int(exc.code or 0)
+    progress.VERBOSITY = _verbosity(args)
+    os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: usage error: {exc}", file=sys.stderr)
+        return 2
+    except (FilterDBError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        if args.debug:
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
