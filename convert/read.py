@@ -109,6 +109,13 @@ def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Datas
         )
     if shape[0] == 0:
         raise InputError(f"{path!r}: filter dataset {names[0]!r} holds no filters")
+    offset = dset.id.get_offset()
+    need = int(np.prod(shape)) * dset.dtype.itemsize
+    if offset is not None and offset + need > os.path.getsize(path):
+        raise InputError(
+            f"{path!r} is truncated: filter dataset {names[0]!r} needs bytes up to "
+            f"{offset + need:,} but the file has {os.path.getsize(path):,}"
+        )
     return dset
 
 
@@ -181,7 +188,7 @@ def _read_array(node: h5py.Dataset, where: str) -> np.ndarray:
     cls = _attr(node, "CLASS")
     if cls == "VLARRAY":
         raw = node[0]
-        arr = safe_loads(np.asarray(raw).tobytes(), where=f"{where}/{node.name}")
+        arr = safe_loads(np.asarray(raw).tobytes(), where=f"{where} node {node.name}")
         if not isinstance(arr, np.ndarray):
             raise InputError(f"{where}: {node.name} does not hold an array")
         return arr

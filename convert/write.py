@@ -294,8 +294,11 @@ def convert(
         },
     }
     target = os.fspath(target)
-    _prepare_target(target, wanted)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise StoreError(f"target {target!r} exists and is not a directory")
+    os.makedirs(target, exist_ok=True)
     with _Lock(target):
+        _prepare_target(target, wanted)
         root = zarr.open_group(target, mode="a")
         old = dict(root.attrs).get(ATTR_KEY)
         if old and old.get("complete"):
@@ -339,9 +342,7 @@ def _prepare_target(target: str, wanted: dict) -> None:
     """Create the target, or check an existing one belongs to the same conversion."""
     import zarr
 
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise StoreError(f"target {target!r} exists and is not a directory")
-    if os.path.isdir(target) and os.listdir(target):
+    if set(os.listdir(target)) - {LOCK_NAME}:
         if not os.path.exists(os.path.join(target, "zarr.json")):
             raise StoreError(
                 f"target {target!r} exists, is not empty and is not a filterdb store; "
@@ -366,7 +367,6 @@ def _prepare_target(target: str, wanted: dict) -> None:
                     f"({old.get(key)!r:.60}); rerun with the same options or delete it"
                 )
         return
-    os.makedirs(target, exist_ok=True)
     zarr.open_group(target, mode="a")
 
 
