@@ -78,12 +78,13 @@ def make_grouping(meta: pd.DataFrame, by: str) -> Grouping:
     if not isinstance(by, str) or not by:
         raise AnalysisError(f"grouping {by!r} must be a non-empty column name")
     if by.lower() in _DEPTH_ALIASES and by not in meta.columns:
-        codes = depth_decile_codes(meta["conv_depth_norm"].to_numpy())
-        labels = list(DECILE_LABELS)
-        if (codes < 0).any():
-            labels.append(NAN_LABEL)
-            codes = np.where(codes < 0, len(labels) - 1, codes)
-        return Grouping(DEPTH_DECILE, "depth_decile", tuple(labels), codes)
+        raw = depth_decile_codes(meta["conv_depth_norm"].to_numpy())
+        raw = np.where(raw < 0, len(DECILE_LABELS), raw)  # NaN / outside [0, 1] last
+        present = np.unique(raw)  # deciles no layer falls into are not groups
+        all_labels = (*DECILE_LABELS, NAN_LABEL)
+        labels = tuple(all_labels[c] for c in present)
+        codes = np.searchsorted(present, raw).astype(np.int64)
+        return Grouping(DEPTH_DECILE, "depth_decile", labels, codes)
     if by not in meta.columns:
         cols = [c for c in meta.columns if c not in ("start", "stop", "chunk")]
         raise AnalysisError(

@@ -205,7 +205,7 @@ def variance_entropy_from_scatter(scatter: np.ndarray, n: int | np.ndarray) -> n
     with np.errstate(divide="ignore", invalid="ignore"):
         p = eig / total[..., None]
         terms = np.where(p > 0, -p * np.log10(np.where(p > 0, p, 1.0)), 0.0)
-    ent = terms.sum(axis=-1)
+    ent = np.maximum(terms.sum(axis=-1), 0.0)  # rounding can dip below 0 at rank 1
     ent = np.where(total > 0, ent, 0.0)
     return np.where(n < 2, np.nan, ent)
 
@@ -235,8 +235,9 @@ def moments_combine(
     (n_total, mean (9,), m2 (9, 9)), all float64.
     """
     n = np.asarray(n, dtype=np.float64)
-    mean = np.asarray(mean, dtype=np.float64).reshape(len(n), -1)
-    d = mean.shape[1]
+    mean = np.asarray(mean, dtype=np.float64)
+    d = mean.shape[-1] if mean.ndim == 2 else 9
+    mean = mean.reshape(len(n), d)
     m2 = np.asarray(m2, dtype=np.float64).reshape(len(n), d, d)
     total = n.sum()
     if total == 0:

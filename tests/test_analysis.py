@@ -1,0 +1,219 @@
+"""The Dask analysis against the in-memory reference of METHOD.md, across chunkings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import dask
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convert.write import convert
+from filterdb_dask import analyze, open_store
+from filterdb_dask.analysis import Results
+from filterdb_dask.errors import AnalysisError
+from filterdb_dask.histograms import coef_range_density, layer_histograms
+from filterdb_dask.pca import layer_stats
+from tests import reference as ref
+from tests.conftest import simple_meta, write_h5
+
+GROUPINGS = ["Task", "Visual Category", "depth decile", "model"]
+
+
+def check_against_reference(res: Results, x: np.ndarray, meta: pd.DataFrame, bins=70):
+    meta = meta.reset_index()
+    xs = ref.scale(x)
+    rows_all = np.concatenate([
+        np.arange(int(a), int(b) + 1)
+        for a, b in (s.split(":") for s in meta["filter_ids"].astype(str))
+    ])
+    p = ref.pca(xs[rows_all])
+    assert res.pca["n_filters"] == len(rows_all)
+    cos = np.abs(np.sum(res.pca["components"] * p["components"], axis=1))
+    assert np.all(cos >= 1 - 1e-9), cos
+    np.testing.assert_allclose(res.pca["explained_variance_ratio"],
+                               p["explained_variance_ratio"], rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(res.pca["explained_variance"], p["explained_variance"],
+                               rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(res.pca["mean"], p["mean"], rtol=1e-10, atol=1e-13)
+    coefs = np.zeros((len(x), 9))
+    coefs[rows_all] = (xs[rows_all] - p["mean"]) @ p["components"].T
+    lo, hi = coefs[rows_all].min(), coefs[rows_all].max()
+    np.testing.assert_allclose(res.coef_range, [lo, hi], rtol=1e-10, atol=1e-12)
+    for by in GROUPINGS:
+        rows, labels = ref.row_labels(meta, by)
+        groups, m = ref.kl_matrix(coefs[rows], labels, lo, hi, p["explained_variance_ratio"],
+                                  bins)
+        slug = {"Task": "task", "Visual Category": "visual_category",
+                "depth decile": "depth_decile", "model": "model"}[by]
+        got = res.kl[slug]
+        order = list(got.index)
+        want = pd.DataFrame(m, index=groups, columns=groups)
+        if by == "depth decile":
+            assert order == [g for g in order]  # natural order kept
+        want = want.loc[order, order]
+        np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-9, atol=1e-12)
+        hist = res.group_hist[slug]
+        for gi, g in enumerate(order):
+            sel = rows[labels == g]
+            for k in range(9):
+                h, _ = np.histogram(coefs[sel, k], bins=bins, range=(lo, hi))
+                np.testing.assert_array_equal(hist[gi, k], h)
+    q = res.quality
+    for i in range(len(meta)):
+        a, b = (int(v) for v in str(meta["filter_ids"].iloc[i]).split(":"))
+        sp, ve, vec, nc = ref.layer_quality(x[a:b + 1])
+        np.testing.assert_allclose(q["sparsity"].iloc[i], sp, rtol=1e-12)
+        np.testing.assert_allclose(q["variance_entropy"].iloc[i], ve, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(q["variance_entropy_clean"].iloc[i], vec, rtol=1e-9,
+                                   atol=1e-12)
+        np.testing.assert_allclose(q["variance_entropy_norm"].iloc[i],
+                                   ve / ref.entropy_norm(b + 1 - a), rtol=1e-9, atol=1e-12)
+        assert q["n"].iloc[i] == b + 1 - a
+    c01 = coefs[rows_all][:, :2]
+    d, _, _ = np.histogram2d(c01[:, 0], c01[:, 1], bins=512, range=[[-3.3, 3.3]] * 2)
+    np.testing.assert_array_equal(res.density, d)
+
+
+def test_synthetic_db_matches_reference(synth_h5, synth_store):
+    res = analyze(synth_store, verbosity=0)
+    with h5py.File(synth_h5) as f:
+        x = f["filter"][:]
+    check_against_reference(res, x, pd.read_hdf(synth_h5, "meta"))
+
+
+@pytest.fixture(scope="module")
+def edge_db(tmp_path_factory):
+    """Layers of 1 filter, all-zero layers and filters, missing Task values, gaps."""
+    rng = np.random.default_rng(11)
+    sizes = [1, 40, 1, 25, 60, 2, 33, 80, 1, 17, 45, 9]
+    models = [0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 4]
+    tasks = ["Semantic Segmentation", "Classification", None, "Classification",
+             "GAN-Discriminator", "GAN-Discriminator", None, "Classification",
+             "Classification", "Segmentation", "Segmentation", "Classification"]
+    cats = ["natural", "natural", "natural", "fractals", "fractals", "fractals", "medical",
+            "medical", "natural", "natural", "natural", "natural"]
+    meta = simple_meta(sizes, models=models, tasks=tasks, cats=cats)
+    n = sum(sizes)
+    x = rng.normal(size=(n, 9)).astype(np.float32) * rng.lognormal(0, 1, size=(n, 1)).astype(
+        np.float32)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    x[starts[4]: starts[4] + 60] = 0  # an all-zero layer
+    x[starts[1]: starts[1] + 10] = 0  # zero filters inside a layer
+    x[starts[7]: starts[7] + 70] *= 1e-5  # a mostly sparse layer
+    path = tmp_path_factory.mktemp("edge") / "edge.h5"
+    write_h5(path, x, meta, meta_format="table")
+    return str(path), x, pd.read_hdf(path, "meta")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.one_of(st.just(1), st.integers(2, 400)), engine=st.sampled_from(["auto", "numpy"]))
+def test_edge_db_matches_reference_across_chunkings(edge_db, tmp_path_factory, target, engine):
+    path, x, meta = edge_db
+    store = str(tmp_path_factory.mktemp("c") / "s.zarr")
+    convert(path, store, chunk_filters=target, verbosity=0)
+    res = analyze(store, engine=engine, verbosity=0)
+    check_against_reference(res, x, meta)
+    assert "nan" in res.kl["task"].index  # missing Task values form their own group
+    assert np.isnan(res.quality["variance_entropy"].iloc[0])  # one-filter layer
+    assert res.quality["sparsity"].iloc[4] == 1.0
+
+
+def test_results_are_the_same_for_every_chunking(edge_db, tmp_path):
+    path, _, _ = edge_db
+    out = []
+    for i, target in enumerate([1, 37, 10_000]):
+        store = str(tmp_path / f"s{i}.zarr")
+        convert(path, store, chunk_filters=target, verbosity=0)
+        out.append(analyze(store, verbosity=0))
+    for r in out[1:]:
+        np.testing.assert_array_equal(r.layer_hist, out[0].layer_hist)
+        np.testing.assert_allclose(r.pca["components"], out[0].pca["components"], atol=1e-12)
+        np.testing.assert_array_equal(r.coef_range, out[0].coef_range)
+
+
+def test_subset_pca_and_later_groupings_need_no_new_pass(synth_h5, synth_store):
+    res = analyze(synth_store, by=["Task"], subsets={"fr": "Visual Category=fractals",
+                                                     "none": "Visual Category=__nothing__"},
+                  verbosity=0)
+    with h5py.File(synth_h5) as f:
+        x = f["filter"][:]
+    meta = pd.read_hdf(synth_h5, "meta")
+    rows = np.concatenate([np.arange(int(a), int(b) + 1) for a, b in
+                           (s.split(":") for s in meta.loc[meta["Visual Category"] == "fractals",
+                                                           "filter_ids"])])
+    p = ref.pca(ref.scale(x[rows]))
+    sp = res.subsets["fr"]
+    assert sp["n_filters"] == len(rows)
+    cos = np.abs(np.sum(sp["components"] * p["components"], axis=1))
+    assert np.all(cos >= 1 - 1e-9)
+    assert np.all(np.isnan(res.subsets["none"]["components"]))  # empty subset: undefined
+    # a grouping asked for after the passes: a sum over layers, equal to a full run
+    with dask.config.set(scheduler="sync"):
+        late = res.kl_matrix("producer")
+    full = analyze(synth_store, by=["producer"], verbosity=0).kl["producer"]
+    pd.testing.assert_frame_equal(late, full)
+
+
+def test_builders_do_not_compute(synth_store):
+    store = open_store(synth_store)
+
+    def refuse(*a, **k):
+        raise AssertionError("a builder computed")
+
+    with dask.config.set(scheduler=refuse):
+        stats = layer_stats(store)
+        pca = {"mean": np.zeros(9), "components": np.eye(9)}
+        rng, dens = coef_range_density(store, pca)
+        hist, fine = layer_histograms(store, pca, [-2.0, 2.0], bins=7)
+    assert stats.shape == (len(store.meta), 95)
+    assert hist.shape == (len(store.meta), 9, 7) and dens.shape == (512, 512)
+
+
+def test_bad_options(synth_store):
+    with pytest.raises(AnalysisError, match="cannot group by 'Colour'"):
+        analyze(synth_store, by=["Colour"], verbosity=0)
+    with pytest.raises(AnalysisError, match="bins must be a positive integer, got 0"):
+        analyze(synth_store, bins=0, verbosity=0)
+    with pytest.raises(AnalysisError, match="subset 'x': 'Nope' is not a meta column"):
+        analyze(synth_store, subsets={"x": "Nope=1"}, verbosity=0)
+
+
+def test_too_few_filters(tmp_path):
+    p = write_h5(tmp_path / "one.h5", np.ones((1, 9), np.float32), simple_meta([1]))
+    convert(p, str(tmp_path / "s.zarr"), verbosity=0)
+    with pytest.raises(AnalysisError, match="at least two filters"):
+        analyze(str(tmp_path / "s.zarr"), verbosity=0)
+
+
+def test_written_results_follow_the_contract(synth_store, tmp_path):
+    res = analyze(synth_store, verbosity=0)
+    paths = res.write(str(tmp_path / "out"))
+    out = tmp_path / "out"
+    pca = json.loads((out / "pca.json").read_text())
+    assert set(pca) == {"n_filters", "mean", "components", "explained_variance",
+                        "explained_variance_ratio", "coef_range"}
+    assert np.asarray(pca["components"]).shape == (9, 9)
+    for slug in ["task", "visual_category", "depth_decile", "model"]:
+        m = pd.read_csv(out / "kl" / f"{slug}.csv", index_col=0)
+        assert list(m.index.astype(str)) == list(m.columns)
+        np.testing.assert_allclose(m.to_numpy(), res.kl[slug].to_numpy(), rtol=1e-15)
+    dd = pd.read_csv(out / "kl" / "depth_decile.csv", index_col=0)
+    assert list(dd.index)[:2] == ["[0.0, 0.1]", "(0.1, 0.2]"]
+    q = pd.read_csv(out / "quality.csv")
+    assert list(q.columns) == ["model_id", "conv_depth", "conv_depth_norm", "model", "n",
+                               "sparsity", "variance_entropy", "variance_entropy_norm",
+                               "variance_entropy_clean", "variance_entropy_clean_norm"]
+    ds = xr.open_zarr(out / "results.zarr", consolidated=False)
+    np.testing.assert_array_equal(ds["layer_hist"].values, res.layer_hist)
+    np.testing.assert_allclose(ds["kl_task"].values, res.kl["task"].to_numpy())
+    assert ds["density"].values.max() == 1.0
+    assert list(ds["group_task"].values) == list(res.kl["task"].index)
+    assert not any(p.endswith(".tmp") for p in os.listdir(out))
+    assert "results.zarr" in paths
