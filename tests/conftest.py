@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import dask
-import h5py
-import numpy as np
-import pandas as pd
-import pytest
+# dask-jobqueue writes jobqueue.yaml into Dask's config folder on import: keep the
+# tests' folder apart from the user's (must happen before dask is imported)
+os.environ["DASK_CONFIG"] = tempfile.mkdtemp(prefix="filterdb-dask-config-")
+
+import dask  # noqa: E402
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
