@@ -62,7 +62,7 @@ def _compressors(codec: str, typesize: int):
         return None
     if codec == "lz4":
         return zarr.codecs.BloscCodec(
-            cname="lz4", clevel=5, shuffle="shuffle", typesize=typesize
+            cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize
         )
     if codec == "zstd":
         return zarr.codecs.ZstdCodec(level=1)

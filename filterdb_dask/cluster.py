@@ -50,6 +50,7 @@ class ClusterOptions:
     queue: str | None = None
     dry_run: bool = False
     wait_timeout: float = 300.0
+    connect_timeout: str = "30s"
 
 
 def _say(msg: str, verbosity: int) -> None:
@@ -158,14 +159,14 @@ def get_client(opts: ClusterOptions | None = None, *, verbosity: int = 1):
     try:
         if opts.address:
             try:
-                client = Client(opts.address, timeout="30s")
+                client = Client(opts.address, timeout=opts.connect_timeout)
             except (OSError, TimeoutError) as exc:
                 raise ClusterError(f"cannot reach the scheduler at {opts.address!r}: {exc}") from None
         elif opts.scheduler_file:
             if not os.path.exists(opts.scheduler_file):
                 raise ClusterError(f"scheduler file {opts.scheduler_file!r} does not exist")
             try:
-                client = Client(scheduler_file=opts.scheduler_file, timeout="30s")
+                client = Client(scheduler_file=opts.scheduler_file, timeout=opts.connect_timeout)
             except (OSError, TimeoutError, ValueError) as exc:
                 raise ClusterError(
                     f"cannot reach the scheduler of {opts.scheduler_file!r}: {exc}"

@@ -106,3 +106,5 @@ def stop(handle: dict) -> None:
             os.kill(pid, 15)
         except (OSError, ValueError):
             pass
+    if "munged" in handle.get("started", []):
+        subprocess.run(["pkill", "-x", "munged"], capture_output=True)

@@ -146,5 +146,6 @@ def test_cluster_option_errors(tmp_path):
         with get_client(ClusterOptions(scheduler_file=str(tmp_path / "nope.json"))):
             pass
     with pytest.raises(ClusterError, match="cannot reach the scheduler"):
-        with get_client(ClusterOptions(address=f"tcp://127.0.0.1:{_free_port()}")):
+        with get_client(ClusterOptions(address=f"tcp://127.0.0.1:{_free_port()}",
+                                       connect_timeout="2s")):
             pass

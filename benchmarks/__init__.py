@@ -1,0 +1,1 @@
+"""Benchmark suite of filterdb_dask (run: python -m benchmarks --help)."""

@@ -1,0 +1,67 @@
+"""The HTML report: files, and a real headless Chromium that renders every image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from filterdb_dask import analyze
+from filterdb_dask.errors import AnalysisError
+from filterdb_dask.report import write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def report_dir(synth_store, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report") / "out")
+    res = analyze(synth_store, verbosity=0)
+    res.write(out)
+    write_report(out)
+    return out
+
+
+def test_report_files(report_dir):
+    html = open(os.path.join(report_dir, "report.html")).read()
+    plots = sorted(os.listdir(os.path.join(report_dir, "plots")))
+    for name in ["eigenimages.png", "explained_variance.png", "coef_covariance.png",
+                 "kl_task.png", "kl_visual_category.png", "kl_depth_decile.png", "drift.png",
+                 "density_2d.png", "quality.png", "ridge_task.png"]:
+        assert name in plots
+    assert html.count("data:image/png;base64,") == len(plots)
+    assert "Most degenerated layers" in html and "60,000" in html
+
+
+def test_report_needs_an_analysis_dir(tmp_path):
+    with pytest.raises(AnalysisError, match="is not an analysis directory"):
+        write_report(str(tmp_path))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    import matplotlib.image as mpimg
+
+    page = open(os.path.join(report_dir, "report.html")).read()
+    probe = page.replace("</body>", "<script>var im=[...document.images];document.title="
+                         "im.every(i=>i.complete&&i.naturalWidth>0)?'ALL_OK:'+im.length:"
+                         "'BROKEN';</script></body>")
+    probe_path = tmp_path / "probe.html"
+    probe_path.write_text(probe)
+    profile = str(tmp_path / "profile")
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
+                          "--virtual-time-budget=10000", "--dump-dom", probe_path.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    n_img = page.count("<img ")
+    assert f"<title>ALL_OK:{n_img}</title>" in dom.stdout, dom.stderr[-2000:]
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--window-size=1280,2400",
+                    f"--screenshot={shot}", "file://" + os.path.join(report_dir, "report.html")],
+                   capture_output=True, timeout=120)
+    img = mpimg.imread(shot)
+    assert img.shape[0] > 1000 and float(np.std(img[..., :3])) > 0.05
