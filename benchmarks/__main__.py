@@ -1,0 +1,313 @@
+"""Benchmark suite: filterdb_dask against what a researcher would use instead.
+
+    python -m benchmarks --filters 20M --out bench/ [--scaling 2M,20M,200M]
+
+One synthetic data set per size (the project's ``synth``, converted once), every
+contender on the same data, the same machine and the same local cluster (one
+worker process per core, one thread each), repetitions interleaved, medians and
+min-max. Each contender is checked against the float64 in-memory reference before
+its time counts. Writes ``OUT/bench.json`` and ``OUT/bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+FULL_DB = 1_464_797_156
+
+
+class MemorySampler:
+    """Peak RSS of this process and all its children (the cluster's workers)."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak_total = 0
+        self.peak_child = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        total, child_max = 0, 0
+        try:
+            total = self.proc.memory_info().rss
+            for c in self.proc.children(recursive=True):
+                try:
+                    r = c.memory_info().rss
+                except psutil.Error:
+                    continue
+                total += r
+                child_max = max(child_max, r)
+        except psutil.Error:
+            pass
+        self.peak_total = max(self.peak_total, total)
+        self.peak_child = max(self.peak_child, child_max)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._sample()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.t.join()
+        self._sample()
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    versions = {}
+    for pkg in ["numpy", "dask", "distributed", "zarr", "numba", "scikit-learn", "dask-ml",
+                "flox", "xhistogram", "h5py", "pandas", "filterdb-dask"]:
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": psutil.virtual_memory().total / 2**30,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "versions": versions}
+
+
+def dataset(out: str, n: int, seed: int = 0) -> tuple[str, str, dict]:
+    """Synthetic dataset.h5 of n filters and its store (cached under OUT/data)."""
+    from convert.synth import synthesize
+    from convert.write import convert
+
+    d = os.path.join(out, "data")
+    os.makedirs(d, exist_ok=True)
+    h5 = os.path.join(d, f"synth-{n}.h5")
+    store = os.path.join(d, f"synth-{n}.zarr")
+    info = {}
+    if not os.path.exists(h5):
+        t = time.perf_counter()
+        synthesize(h5, n_filters=n, n_models=max(8, min(800, n // 500_000)), seed=seed)
+        info["synth_s"] = time.perf_counter() - t
+    info.update(convert_vs_read(h5, store))
+    return h5, store, info
+
+
+def plain_read(h5: str) -> float:
+    """Seconds for a sequential h5py read of the whole filter dataset (32 MiB slices)."""
+    import h5py
+
+    from convert.read import read_source
+
+    src = read_source(h5)
+    rows = max(1, (32 << 20) // (9 * src.dtype.itemsize))
+    t = time.perf_counter()
+    with h5py.File(h5, "r", locking=False) as f:
+        dset = f[src.name]
+        for a in range(0, src.n_filters, rows):
+            dset[a: a + rows]
+    return time.perf_counter() - t
+
+
+def convert_vs_read(h5: str, store: str) -> dict:
+    """Convert (threads, fresh target) timed with peak memory, against a plain read."""
+    import shutil
+
+    import dask
+
+    from convert.write import convert
+
+    shutil.rmtree(store, ignore_errors=True)
+    reads = [plain_read(h5)]
+    with dask.config.set(scheduler="threads"), MemorySampler() as mem:
+        t = time.perf_counter()
+        res = convert(h5, store, verbosity=0)
+        conv = time.perf_counter() - t
+    reads.append(plain_read(h5))
+    read_s = statistics.median(reads)
+    return {"n": res.n_filters, "convert_s": conv, "plain_read_s": read_s,
+            "convert_filters_per_s": res.n_filters / conv,
+            "convert_vs_read_speed": read_s / conv,
+            "convert_peak_rss_mib": mem.peak_total / 2**20,
+            "h5_bytes": os.path.getsize(h5)}
+
+
+def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
+    from benchmarks.contenders import CONTENDERS, errors
+
+    rows = {name: {"times": [], "peak_total_mib": 0.0, "peak_worker_mib": 0.0} for name in names}
+    for rep in range(repeat):
+        for name in names:
+            with MemorySampler() as mem:
+                t = time.perf_counter()
+                out = CONTENDERS[name](ctx)
+                dt = time.perf_counter() - t
+            r = rows[name]
+            r["times"].append(dt)
+            r["peak_total_mib"] = max(r["peak_total_mib"], mem.peak_total / 2**20)
+            r["peak_worker_mib"] = max(r["peak_worker_mib"], mem.peak_child / 2**20)
+            if rep == 0:
+                r["errors"] = errors(out, ctx["reference"]) if ctx["reference"] else {}
+            print(f"  {name:<32} {dt:8.2f}s", file=sys.stderr, flush=True)
+    n, cores = ctx["n"], ctx["cores"]
+    for r in rows.values():
+        med = statistics.median(r["times"])
+        r.update({"median_s": med, "min_s": min(r["times"]), "max_s": max(r["times"]),
+                  "filters_per_s": n / med, "filters_per_s_per_core": n / med / cores})
+    return rows
+
+
+def main(argv=None) -> int:
+    from filterdb_dask.run import _count
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--filters", type=_count, default=20_000_000, help="N of the main run")
+    p.add_argument("--out", default="bench", help="output folder (data cached in OUT/data)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--scaling", default="", help="comma-separated N for the scaling run, "
+                                                  "e.g. 2M,20M,200M")
+    p.add_argument("--reference-max", type=_count, default=40_000_000,
+                   help="largest N for the in-memory contenders (reference, authors' method)")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--skip", default="", help="comma-separated contenders to skip")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    from distributed import Client, LocalCluster
+
+    from benchmarks.contenders import CONTENDERS, authors_in_memory, fdb_whole
+    from convert.read import read_source
+    from filterdb_dask.groups import make_grouping
+    from filterdb_dask.store import open_store
+
+    report = {"machine": machine(), "args": vars(args)}
+    print(f"data: {args.filters:,} filters", file=sys.stderr)
+    h5, store_path, conv = dataset(args.out, args.filters)
+    report["convert"] = conv
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", memory_limit="4GiB") as cluster, \
+            Client(cluster) as client:
+        store = open_store(store_path)
+        src = read_source(h5)
+        ctx = {"store": store, "source": src, "n": store.n_filters, "cores": args.workers,
+               "bins": 70, "grouping": make_grouping(store.meta, "Task"), "client": client}
+        ctx["reference"] = None
+        ctx["fdb"] = fdb_whole(ctx)["results"]  # warm-up (numba compiles) and inputs
+        in_memory = args.filters <= args.reference_max
+        if in_memory:
+            ctx["reference"] = authors_in_memory(ctx)
+        names = [n for n in CONTENDERS if n not in skip and
+                 (in_memory or n != "authors' method in memory")]
+        print(f"contenders x {args.repeat}:", file=sys.stderr)
+        report["contenders"] = run_contenders(ctx, names, args.repeat)
+        report["scaling"] = []
+        for n in [_count(s) for s in args.scaling.split(",") if s.strip()]:
+            print(f"scaling: {n:,} filters", file=sys.stderr)
+            h5n, sn, convn = dataset(args.out, n)
+            st = open_store(sn)
+            c = {"store": st, "n": n, "cores": args.workers, "bins": 70,
+                 "grouping": make_grouping(st.meta, "Task"), "reference": None}
+            rows = run_contenders(c, ["read floor", "filterdb_dask whole analysis"], 1)
+            report["scaling"].append({"n": n, "convert": convn, **{
+                k: {kk: v[kk] for kk in ("median_s", "filters_per_s_per_core",
+                                         "peak_total_mib", "peak_worker_mib")}
+                for k, v in rows.items()}})
+    report["targets"] = targets(report)
+    with open(os.path.join(args.out, "bench.json"), "w") as fh:
+        json.dump(report, fh, indent=2, default=float)
+    md = markdown(report)
+    with open(os.path.join(args.out, "bench.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+    return 0
+
+
+def targets(rep: dict) -> dict:
+    c = rep["contenders"]
+    out = {}
+    whole = c.get("filterdb_dask whole analysis")
+    if whole:
+        out["whole_filters_per_s_per_core"] = whole["filters_per_s_per_core"]
+        out["extrapolated_full_db_s"] = FULL_DB / whole["filters_per_s"]
+        peers = [c[k]["median_s"] for k in ("xhistogram grouped histograms",
+                                            "flox grouped histograms") if k in c]
+        if "dask-ml PCA (tsqr)" in c and peers:
+            out["speedup_vs_daskml_plus_fastest_peer"] = (
+                (c["dask-ml PCA (tsqr)"]["median_s"] + min(peers)) / whole["median_s"])
+    if "read floor" in c:
+        floor = c["read floor"]["median_s"]
+        for k in ("filterdb_dask pass 1", "filterdb_dask pass 2", "filterdb_dask pass 3"):
+            if k in c:
+                out[f"{k} / read floor"] = c[k]["median_s"] / floor
+    out["max_worker_peak_mib"] = max(
+        [v.get("peak_worker_mib", 0) for v in c.values()]
+        + [s.get("filterdb_dask whole analysis", {}).get("peak_worker_mib", 0)
+           for s in rep.get("scaling", [])])
+    return out
+
+
+def markdown(rep: dict) -> str:
+    m = rep["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB; "
+             f"python {m['python']}, dask {m['versions']['dask']}, numba {m['versions']['numba']}",
+             "", f"Data: {rep['args']['filters']:,} synthetic filters (float32); "
+             f"{rep['args']['workers']} worker processes x 1 thread; "
+             f"{rep['args']['repeat']} repetitions, interleaved.", "",
+             "| contender | median s | min–max s | M filters/s/core | peak MiB (all procs) | "
+             "peak MiB/worker | error vs float64 reference |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rep["contenders"].items():
+        err = "; ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in r.get("errors", {}).items()) or "–"
+        lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
+                     f"{r['filters_per_s_per_core'] / 1e6:.2f} | {r['peak_total_mib']:.0f} | "
+                     f"{r['peak_worker_mib']:.0f} | {err} |")
+    cv = rep["convert"]
+    lines += ["", f"Conversion: {cv['convert_s']:.1f} s ({cv['convert_filters_per_s'] / 1e6:.1f} "
+                  f"M filters/s), plain sequential h5py read {cv['plain_read_s']:.1f} s: "
+                  f"convert runs at {100 * cv['convert_vs_read_speed']:.0f} % of the read's "
+                  f"speed; converter peak RSS {cv['convert_peak_rss_mib']:.0f} MiB."]
+    if rep.get("scaling"):
+        lines += ["", "| N | convert s | convert peak MiB | read floor s | whole analysis s | "
+                      "M filters/s/core | peak MiB (all) | peak MiB/worker |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in rep["scaling"]:
+            w = s["filterdb_dask whole analysis"]
+            lines.append(f"| {s['n']:,} | {s['convert']['convert_s']:.1f} | "
+                         f"{s['convert']['convert_peak_rss_mib']:.0f} | "
+                         f"{s['read floor']['median_s']:.2f} | {w['median_s']:.2f} | "
+                         f"{w['filters_per_s_per_core'] / 1e6:.2f} | {w['peak_total_mib']:.0f} | "
+                         f"{w['peak_worker_mib']:.0f} |")
+    t = rep["targets"]
+    lines += ["", "Targets:"]
+    for k, v in t.items():
+        lines.append(f"- {k}: {v:.3g}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
