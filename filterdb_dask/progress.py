@@ -93,9 +93,13 @@ def _current_client():
         return None
 
 
-def compute(*collections, label: str = "computing", verbosity: int | None = None):
+def compute(
+    *collections, label: str = "computing", verbosity: int | None = None, io_bound: bool = False
+):
     """``dask.compute(*collections)`` with progress on stderr.
 
+    ``io_bound=True`` runs twice as many threads as cores on the local threaded
+    scheduler, so reads overlap with compression (no effect on other schedulers).
     Returns a tuple of results, like ``dask.compute``.
     """
     rep = Reporter(label, verbosity=verbosity)
@@ -117,7 +121,13 @@ def compute(*collections, label: str = "computing", verbosity: int | None = None
         results = client.gather(futures)
         rep.finish()
         return tuple(results)
+    kwargs = {}
+    if io_bound and scheduler in (None, "threads", "threading") and \
+            dask.config.get("num_workers", None) is None:
+        import os
+
+        kwargs["num_workers"] = 2 * (os.cpu_count() or 1)
     with _CountingCallback(rep):
-        results = dask.compute(*collections)
+        results = dask.compute(*collections, **kwargs)
     rep.finish()
     return results
