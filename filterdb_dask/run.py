@@ -197,10 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
             f"{PROG} report results/\n")
     r.add_argument("dir")
 
-    g = add("ingest", "add ONNX / PyTorch models to a dataset.h5 (see README)",
-            f"{PROG} ingest model.onnx --into dataset.h5 --task Classification\n")
-    g.add_argument("models", nargs="+")
-    g.add_argument("--into", required=True)
+    g = add("ingest", "add ONNX models / PyTorch state dicts to a dataset.h5 or a store",
+            f"{PROG} ingest a.onnx b.onnx --into my.h5 --task Classification "
+            "--category natural\n"
+            f"{PROG} ingest model.pth --into dataset.zarr --meta-file models.csv\n")
+    g.add_argument("models", nargs="+", help=".onnx files, or .pt/.pth state dicts")
+    g.add_argument("--into", required=True,
+                   help="dataset .h5 (created, or one written by ingest) or a store directory")
+    g.add_argument("--task", help="Task of every model (e.g. Classification)")
+    g.add_argument("--category", help="Visual Category of every model (e.g. natural)")
+    g.add_argument("--training-dataset", help="Training-Dataset of every model")
+    g.add_argument("--pretraining-dataset", help="Pretraining-Dataset of every model")
+    g.add_argument("--paper", help="Paper of every model")
+    g.add_argument("--meta-file", help="CSV (column 'model' = file name) or YAML with "
+                                       "per-model fields")
+    g.add_argument("--force", action="store_true", help="add models already in the DB")
     return p
 
 
@@ -378,7 +389,24 @@ def cmd_report(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    raise FilterDBError("ingest is not available in this version (see README, issue 6)")
+    import warnings
+
+    from convert.ingest import ingest
+
+    fields = {k: v for k, v in {
+        "Task": args.task, "Visual Category": args.category,
+        "Training-Dataset": args.training_dataset,
+        "Pretraining-Dataset": args.pretraining_dataset, "Paper": args.paper,
+    }.items() if v is not None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = ingest(args.models, args.into, fields=fields, meta_file=args.meta_file,
+                     force=args.force)
+    for w in caught:
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    print(f"added {len(res.models)} model(s), {res.layers:,} layers, {res.filters:,} filters "
+          f"to {res.into}" + (f"; skipped {len(res.skipped)}" if res.skipped else ""))
+    return 0
 
 
 def cmd_demo(args) -> int:

@@ -1,0 +1,281 @@
+"""Build or extend a filter DB from model files (ONNX, PyTorch state dicts).
+
+``ingest(models, into)`` appends every model's 3x3 filters and one meta row per
+layer with 3x3 kernels to a ``dataset.h5`` (new, or one written by this tool: its
+filter dataset is extendable) or to a converted store (new chunks are added; what
+is there is not rewritten). Models get new ids after the largest one present.
+A model whose content hash is already in the DB is refused unless ``force``.
+A model without 3x3 kernels is skipped with a warning: it has no rows to add.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from filterdb_dask.errors import InputError, StoreError
+
+from .onnx_extract import ModelInfo, read_onnx
+
+DESCRIPTIVE = ("Task", "Visual Category", "Training-Dataset", "Pretraining-Dataset", "Paper",
+               "Accessible", "Dataset URL")
+INDEX = ["model_id", "conv_depth", "conv_depth_norm"]
+
+
+@dataclass
+class IngestResult:
+    into: str
+    models: list[str]
+    skipped: list[str]
+    filters: int
+    layers: int
+
+
+def read_model(path: str, *, name: str | None = None) -> ModelInfo:
+    """An ONNX file, or a PyTorch state dict / checkpoint (``.pt``, ``.pth``, ``.bin``)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pt", ".pth", ".ckpt", ".bin"):
+        from .torch_extract import read_state_dict
+
+        return read_state_dict(path, name=name)
+    return read_onnx(path, name=name)
+
+
+def load_side_info(path: str | None) -> dict[str, dict]:
+    """Per-model descriptive fields from a CSV or YAML file keyed by file name.
+
+    CSV: a column ``model`` (file name) and columns such as ``Task``,
+    ``Visual Category``, ``Training-Dataset``. YAML: ``{file name: {field: value}}``.
+    """
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        raise InputError(f"meta file {path!r} does not exist")
+    if path.lower().endswith((".yaml", ".yml")):
+        import yaml
+
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise InputError(f"meta file {path!r} must map model file names to fields")
+        return {os.path.basename(str(k)): v for k, v in data.items()}
+    df = pd.read_csv(path)
+    if "model" not in df.columns:
+        raise InputError(f"meta file {path!r} needs a 'model' column (file names)")
+    return {os.path.basename(str(r.pop("model"))): r for r in df.to_dict("records")}
+
+
+def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tuple:
+    """Meta rows and (n, 9) filters of one model, rows starting at ``start``."""
+    layers = info.filter_layers()
+    if not layers:
+        return None, None
+    max_depth = max(lay.conv_depth for lay in layers)
+    rows, blocks = [], []
+    pos = start
+    kc = info.kernel_counts()
+    n3 = kc.get("(3, 3) filters", 0)
+    for lay in layers:
+        w = lay.weights.reshape(-1, 9)
+        blocks.append(w)
+        rows.append({
+            "model_id": model_id,
+            "conv_depth": lay.conv_depth,
+            "conv_depth_norm": lay.conv_depth / max_depth if max_depth else 0.0,
+            "filter_ids": f"{pos}:{pos + len(w) - 1}",
+            "model": os.path.basename(info.path),
+            "Name": fields.get("Name", info.name),
+            "producer": info.producer,
+            "op_set": info.op_set if info.op_set is not None else np.nan,
+            "depth": info.depth,
+            "layer": lay.node,
+            "model_sha256": info.sha256,
+            "total_filters": info.total_filters,
+            "3x3_filter_share": n3 / info.total_filters if info.total_filters else np.nan,
+            **{k: v for k, v in kc.items()},
+            **{f"op {k}" if k in ("model", "depth") else k: v
+               for k, v in info.op_counts.items()},
+            **{k: fields.get(k, np.nan) for k in DESCRIPTIVE},
+        })
+        pos += len(w)
+    return pd.DataFrame(rows), np.concatenate(blocks)
+
+
+def _existing(into: str):
+    """(raw meta or None, n_filters, kind) of the target."""
+    if into.endswith(".zarr") or os.path.isdir(into):
+        if not os.path.exists(into):
+            return None, 0, "new-store"
+        from filterdb_dask.store import open_store
+
+        st = open_store(into)
+        return st.meta.drop(columns=["start", "stop", "chunk"]), st.n_filters, "store"
+    if not os.path.exists(into):
+        return None, 0, "new-h5"
+    from .read import find_filters, open_h5, read_meta
+
+    with open_h5(into) as f:
+        dset = find_filters(f, into)
+        return read_meta(f, into), dset.shape[0], "h5"
+
+
+def ingest(
+    models: list[str],
+    into: str,
+    *,
+    fields: dict | None = None,
+    meta_file: str | None = None,
+    force: bool = False,
+    infos: list[ModelInfo] | None = None,
+) -> IngestResult:
+    """Add models to a dataset.h5 or a store.
+
+    Parameters
+    ----------
+    models : ONNX / PyTorch files.
+    into : target ``.h5`` (created if missing) or store directory.
+    fields : descriptive fields for every model (Task, Visual Category, ...).
+    meta_file : CSV/YAML with per-model fields (overrides ``fields``).
+    force : add a model even if its content hash is already in the DB.
+    infos : already extracted models (Python API, e.g. :func:`read_module`).
+
+    Raises
+    ------
+    InputError, StoreError
+    """
+    fields = dict(fields or {})
+    side = load_side_info(meta_file)
+    infos = list(infos or []) + [read_model(p, name=None) for p in models]
+    if not infos:
+        raise InputError("no models given")
+    meta, n_existing, kind = _existing(into)
+    seen = set()
+    if meta is not None and "model_sha256" in meta.columns:
+        seen = set(meta["model_sha256"].dropna().astype(str))
+    next_id = 0
+    if meta is not None:
+        ids = meta.index.get_level_values("model_id") if "model_id" in meta.index.names \
+            else meta["model_id"]
+        next_id = int(np.max(ids)) + 1 if len(ids) else 0
+    tables, filters, added, skipped = [], [], [], []
+    pos = n_existing
+    for info in infos:
+        if info.sha256 in seen and not force:
+            raise InputError(f"{info.path!r} is already in {into!r} (same content hash "
+                             f"{info.sha256[:12]}); pass --force to add it again")
+        seen.add(info.sha256)
+        f = {**fields, **side.get(os.path.basename(info.path), {})}
+        table, w = model_table(info, next_id, pos, f)
+        if table is None:
+            warnings.warn(f"{info.path!r} has no 3x3 conv kernels; skipped", stacklevel=2)
+            skipped.append(info.path)
+            continue
+        tables.append(table)
+        filters.append(w)
+        added.append(info.path)
+        pos += len(w)
+        next_id += 1
+    if not tables:
+        raise InputError("none of the models has 3x3 conv kernels; nothing was added")
+    new = pd.concat(tables, ignore_index=True)
+    # an operator or kernel shape a model lacks occurs 0 times in it, not "unknown"
+    counted = set().union(*(i.op_counts for i in infos), *(i.kernel_counts() for i in infos))
+    cols = [c for c in new.columns if c in counted or f"op {c}" in counted]
+    new[cols] = new[cols].fillna(0).astype(np.int64)
+    x = np.concatenate(filters)
+    if kind in ("new-h5", "h5"):
+        _append_h5(into, meta, new, x)
+    else:
+        _append_store(into, meta, new, x, kind)
+    return IngestResult(into, added, skipped, len(x), len(new))
+
+
+def _combined_meta(meta, new: pd.DataFrame) -> pd.DataFrame:
+    if meta is None:
+        return new.set_index(INDEX)
+    names = [n for n in meta.index.names if n is not None]
+    drop = bool(names) and all(n in meta.columns for n in names)
+    old = meta.reset_index(drop=drop)
+    both = pd.concat([old, new], ignore_index=True, sort=False)
+    return both.set_index(INDEX)
+
+
+def _append_h5(path: str, meta, new: pd.DataFrame, x: np.ndarray) -> None:
+    from .h5write import write_meta
+
+    if meta is None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("filter", data=x.astype(np.float32), maxshape=(None, 9),
+                             chunks=(min(len(x), 1 << 16), 9))
+        write_meta(tmp, _combined_meta(None, new), meta_format="table")
+        os.replace(tmp, path)
+        return
+    with h5py.File(path, "a") as f:
+        from .read import find_filters
+
+        d = find_filters(f, path)
+        if d.maxshape[0] is not None:
+            raise InputError(
+                f"the filter dataset of {path!r} cannot grow (it was written contiguous, like "
+                "the published file); ingest into a new .h5 file or into a converted store"
+            )
+        n0 = d.shape[0]
+        d.resize(n0 + len(x), axis=0)
+        d[n0:] = x.astype(d.dtype).reshape(len(x), *d.shape[1:])
+    with h5py.File(path, "r") as f:
+        fmt = "table" if f["meta"].attrs.get("pandas_type", b"") in (b"frame_table",
+                                                                      "frame_table") else "fixed"
+    combined = _combined_meta(meta, new)
+    with h5py.File(path, "a") as f:
+        del f["meta"]
+    write_meta(path, combined, meta_format=fmt)
+
+
+def _append_store(path: str, meta, new: pd.DataFrame, x: np.ndarray, kind: str) -> None:
+    import zarr
+
+    from filterdb_dask.store import ATTR_KEY, SCHEMA_VERSION
+
+    from .plan import chunk_layers, plan_chunks
+    from .read import normalize_meta
+    from .write import DEFAULT_CHUNK_FILTERS, write_chunk, write_meta
+
+    if kind == "new-store":
+        os.makedirs(path, exist_ok=True)
+        attrs = {"schema_version": SCHEMA_VERSION, "chunks": [], "checksums": [],
+                 "dtype": "float32", "codec": "lz4",
+                 "target_chunk_filters": DEFAULT_CHUNK_FILTERS,
+                 "source": {"path": None, "name": "filter", "shape": [0, 9],
+                            "dtype": "float32", "fingerprint": "ingest"},
+                 "unreferenced_filters": 0}
+        n0 = 0
+    else:
+        attrs = dict(zarr.open_group(path, mode="r").attrs[ATTR_KEY])
+        n0 = int(attrs["n_filters"])
+    root = zarr.open_group(path, mode="a")
+    root.attrs[ATTR_KEY] = dict(attrs, complete=False)
+    combined = _combined_meta(meta, new)
+    full, unref = normalize_meta(combined, n0 + len(x), path)
+    new_rows = full.iloc[len(full) - len(new):]
+    plan_new = plan_chunks(new_rows["start"].to_numpy() - n0, new_rows["stop"].to_numpy() - n0,
+                           new_rows["model_id"].to_numpy(), len(x),
+                           int(attrs["target_chunk_filters"])) + n0
+    plan = np.concatenate([np.asarray(attrs["chunks"], dtype=np.int64).reshape(-1, 2), plan_new])
+    full["chunk"] = chunk_layers(plan, full["start"].to_numpy(), full["stop"].to_numpy())
+    sums = list(attrs.get("checksums", []))
+    k0 = len(sums)
+    for j, (a, b) in enumerate(plan_new):
+        sums.append(write_chunk(path, k0 + j, np.asarray(x[a - n0: b - n0]), int(a), int(b),
+                                attrs["dtype"], attrs["codec"]))
+    write_meta(root, full)
+    root.attrs[ATTR_KEY] = dict(attrs, complete=True, chunks=plan.tolist(), checksums=sums,
+                                n_filters=n0 + len(x), n_layers=len(full),
+                                unreferenced_filters=unref,
+                                appended=list(attrs.get("appended", [])) + sorted(
+                                    set(new["model_sha256"])))
