@@ -15,41 +15,14 @@ from convert.read import read_source  # noqa: E402
 from convert.torch_extract import read_module, read_state_dict  # noqa: E402
 
 
-def _trained_cnn():
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.images[:, None] / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(3):
-        for i in range(0, len(x), 128):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(x[i:i + 128]), y[i:i + 128])
-            loss.backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        acc = (net(x).argmax(1) == y).float().mean().item()
-    return net, x[:1], acc
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    net, example, acc = _trained_cnn()
+    from convert.digits import export, train
+
+    net, example, acc = train()
     d = tmp_path_factory.mktemp("torch")
     path = str(d / "digits.onnx")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated, still fine
-        torch.onnx.export(net, (example,), path, dynamo=False, do_constant_folding=True)
+    export(net, example, path)
     sd = str(d / "digits.pth")
     torch.save(net.state_dict(), sd)
     return net, path, sd, acc
