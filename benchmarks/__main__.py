@@ -35,6 +35,7 @@ class MemorySampler:
         self.interval = interval
         self.peak_total = 0
         self.peak_child = 0
+        self.peak_self = 0
         self._stop = threading.Event()
 
     def _sample(self):
@@ -43,6 +44,7 @@ class MemorySampler:
         total, child_max = 0, 0
         try:
             total = self.proc.memory_info().rss
+            self.peak_self = max(self.peak_self, total)
             for c in self.proc.children(recursive=True):
                 try:
                     r = c.memory_info().rss
@@ -164,7 +166,9 @@ def convert_vs_read(h5: str, store: str) -> dict:
     return {"n": res.n_filters, "convert_s": conv, "plain_read_s": read_s,
             "convert_filters_per_s": res.n_filters / conv,
             "convert_vs_read_speed": read_s / conv,
-            "convert_peak_rss_mib": mem.peak_total / 2**20,
+            # the converter runs in this process (threads); workers of a cluster that
+            # may be up meanwhile are idle and not counted
+            "convert_peak_rss_mib": mem.peak_self / 2**20,
             "h5_bytes": os.path.getsize(h5)}
 
 

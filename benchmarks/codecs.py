@@ -17,6 +17,7 @@ def candidates():
 
     return {
         "none": None,
+        "none (warm-up repeat)": None,
         "blosc-lz4-shuffle": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
         "blosc-lz4-bitshuffle": zarr.codecs.BloscCodec(cname="lz4", clevel=5,
                                                        shuffle="bitshuffle"),
@@ -28,14 +29,20 @@ def candidates():
 
 
 def measure(x: np.ndarray, path: str, reps: int = 3) -> list[dict]:
+    """Per-core figures: Blosc and Zarr limited to one thread, the store's chunking."""
     import shutil
 
+    import numcodecs.blosc
     import zarr
 
+    from convert.write import ZARR_CHUNK_ROWS
+
+    numcodecs.blosc.set_nthreads(1)
+    zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1})
     rows = []
     for name, comp in candidates().items():
         shutil.rmtree(path, ignore_errors=True)
-        a = zarr.create_array(path, shape=x.shape, chunks=(1 << 18, 9), dtype=x.dtype,
+        a = zarr.create_array(path, shape=x.shape, chunks=(ZARR_CHUNK_ROWS, 9), dtype=x.dtype,
                               compressors=comp, overwrite=True)
         t = time.perf_counter()
         a[...] = x

@@ -40,6 +40,9 @@ from .read import Source, read_rows, read_source
 
 LOCK_NAME = ".filterdb-convert.lock"
 DEFAULT_CHUNK_FILTERS = 1 << 20
+#: rows per Zarr chunk inside a planned chunk: 4.5 MiB of float32 decodes ~2x faster
+#: than one 36 MiB Zarr chunk (cache-sized blocks, less copying)
+ZARR_CHUNK_ROWS = 1 << 17
 CODECS = ("lz4", "zstd", "none")
 
 
@@ -194,7 +197,9 @@ def _write_chunk(
     x = read_rows(src_path, name, a, b)
     # one float64 sum finds any NaN/Inf (float32 data cannot overflow it); only then
     # look row by row, so clean chunks pay a single cheap pass
-    if not np.isfinite(x.sum(dtype=np.float64)):
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = x.sum(dtype=np.float64)
+    if not np.isfinite(total):
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             bad = np.nonzero(~finite)[0]
@@ -215,7 +220,7 @@ def write_chunk(store_path: str, i: int, x: np.ndarray, a: int, b: int, dtype: s
         store_path,
         name=chunk_name(i),
         shape=y.shape,
-        chunks=(max(1, y.shape[0]), 9),
+        chunks=(max(1, min(y.shape[0], ZARR_CHUNK_ROWS)), 9),
         dtype=y.dtype,
         compressors=_compressors(codec, y.dtype.itemsize),
         overwrite=True,

@@ -106,3 +106,22 @@ def test_verify_exit_code_on_mismatch(tmp_path):
     q = write_h5(tmp_path / "e.h5", x, simple_meta([10, 20], models=[0, 1]))
     out = run_cli("verify", s, q)
     assert out.returncode == 1 and "rows differ from the source (first rows: 5)" in out.stderr
+
+
+def test_usage_error_exit_2_as_subprocess(tmp_path):
+    out = run_cli("analyze", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"),
+                  "--bins", "many")
+    assert out.returncode == 2 and "is not an integer" in out.stderr
+    out = run_cli("frobnicate")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_report_subcommand_rebuilds_the_report(synth_store, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["-q", "analyze", synth_store, "--out", out, "--scheduler", "threads",
+                 "--no-report", "--by", "Task"]) == 0
+    assert not os.path.exists(os.path.join(out, "report.html"))
+    assert main(["report", out]) == 0
+    assert os.path.exists(os.path.join(out, "report.html"))
+    assert main(["report", str(tmp_path)]) == 1
+    assert "is not an analysis directory" in capsys.readouterr().err

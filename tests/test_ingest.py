@@ -255,3 +255,23 @@ def test_external_data_and_dequantize(tmp_path):
     want = (q.astype(np.float64) - 128) * scale[:, None, None, None]
     np.testing.assert_allclose(info.layers[0].weights, want, rtol=1e-6)
     assert info.op_set == 13 and info.depth == 3
+
+
+def test_qlinearconv_weights_are_dequantized(tmp_path):
+    rng = np.random.default_rng(2)
+    w = rng.integers(-100, 100, size=(4, 3, 3, 3)).astype(np.int8)
+    ws = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
+    wz = np.zeros(4, np.int8)
+    f = numpy_helper.from_array
+    inits = [f(w, "w"), f(ws, "ws"), f(wz, "wz"), f(np.float32(0.5), "xs"),
+             f(np.uint8(128), "xz"), f(np.float32(0.25), "ys"), f(np.uint8(128), "yz")]
+    n = helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"],
+                         name="qconv")
+    g = helper.make_graph([n], "g", [helper.make_tensor_value_info("xq", 2, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", 2, None)], inits)
+    p = str(tmp_path / "q.onnx")
+    onnx.save(helper.make_model(g), p)
+    info = read_onnx(p)
+    np.testing.assert_allclose(info.layers[0].weights,
+                               w.astype(np.float64) * ws[:, None, None, None], rtol=1e-6)
+    assert info.op_counts == {"QLinearConv": 1}
