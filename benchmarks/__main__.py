@@ -36,7 +36,15 @@ class MemorySampler:
         self.peak_total = 0
         self.peak_child = 0
         self.peak_self = 0
+        self.peak_watched = 0
+        self.watched = None
         self._stop = threading.Event()
+
+    def watch(self, pid: int) -> None:
+        """Also track the peak RSS of one process tree (e.g. a CLI subprocess)."""
+        import psutil
+
+        self.watched = psutil.Process(pid)
 
     def _sample(self):
         import psutil
@@ -56,6 +64,13 @@ class MemorySampler:
             pass
         self.peak_total = max(self.peak_total, total)
         self.peak_child = max(self.peak_child, child_max)
+        if self.watched is not None:
+            try:
+                w = self.watched.memory_info().rss + sum(
+                    c.memory_info().rss for c in self.watched.children(recursive=True))
+                self.peak_watched = max(self.peak_watched, w)
+            except psutil.Error:
+                pass
 
     def _run(self):
         while not self._stop.is_set():
@@ -147,28 +162,38 @@ def plain_read(h5: str) -> float:
 
 
 def convert_vs_read(h5: str, store: str) -> dict:
-    """Convert (threads, fresh target) timed with peak memory, against a plain read."""
+    """Convert in a subprocess (threads scheduler, fresh target), timed and
+    memory-sampled on its own, against a plain sequential read; both from a cold cache."""
     import shutil
+    import subprocess
 
-    import dask
-
-    from convert.write import convert
+    import zarr
 
     shutil.rmtree(store, ignore_errors=True)
     reads = [plain_read(h5)]
     evict(h5)
-    with dask.config.set(scheduler="threads"), MemorySampler() as mem:
-        t = time.perf_counter()
-        res = convert(h5, store, verbosity=0)
-        conv = time.perf_counter() - t
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the converter in its own process (memory measured alone); time taken inside it,
+    # after the imports, so interpreter start-up does not count
+    code = ("import sys, time, dask; from convert.write import convert; "
+            "dask.config.set(scheduler='threads'); t = time.perf_counter(); "
+            "convert(sys.argv[1], sys.argv[2], verbosity=0); print(time.perf_counter() - t)")
+    with MemorySampler() as mem:
+        proc = subprocess.Popen([sys.executable, "-c", code, h5, store], cwd=root,
+                                env=dict(os.environ, PYTHONPATH=root), stdout=subprocess.PIPE,
+                                text=True)
+        mem.watch(proc.pid)
+        stdout, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"convert of {h5} failed")
+    conv = float(stdout.strip().splitlines()[-1])
     reads.append(plain_read(h5))
     read_s = statistics.median(reads)
-    return {"n": res.n_filters, "convert_s": conv, "plain_read_s": read_s,
-            "convert_filters_per_s": res.n_filters / conv,
+    n = int(zarr.open_group(store, mode="r").attrs["filterdb"]["n_filters"])
+    return {"n": n, "convert_s": conv, "plain_read_s": read_s,
+            "convert_filters_per_s": n / conv,
             "convert_vs_read_speed": read_s / conv,
-            # the converter runs in this process (threads); workers of a cluster that
-            # may be up meanwhile are idle and not counted
-            "convert_peak_rss_mib": mem.peak_self / 2**20,
+            "convert_peak_rss_mib": mem.peak_watched / 2**20,
             "h5_bytes": os.path.getsize(h5)}
 
 
@@ -211,6 +236,9 @@ def main(argv=None) -> int:
                    help="largest N for the in-memory contenders (reference, authors' method)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--skip", default="", help="comma-separated contenders to skip")
+    p.add_argument("--peer-venv", default=None,
+                   help="virtualenv for dask-histogram (pins an older dask); default "
+                        "OUT/peer-venv, created on first use")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -242,6 +270,9 @@ def main(argv=None) -> int:
                  (in_memory or n != "authors' method in memory")]
         print(f"contenders x {args.repeat}:", file=sys.stderr)
         report["contenders"] = run_contenders(ctx, names, args.repeat)
+        if "dask-histogram grouped histograms" not in skip:
+            report["contenders"]["dask-histogram grouped histograms (own venv)"] = \
+                run_peer(ctx, args)
         report["scaling"] = []
         for n in [_count(s) for s in args.scaling.split(",") if s.strip()]:
             print(f"scaling: {n:,} filters", file=sys.stderr)
@@ -264,6 +295,36 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_peer(ctx: dict, args) -> dict:
+    """dask-histogram in its own virtualenv, same store, same worker count."""
+    from benchmarks.contenders import errors
+    from benchmarks.peer_dask_histogram import ensure_venv, run_in_venv
+
+    venv = args.peer_venv or os.path.join(args.out, "peer-venv")
+    try:
+        py = ensure_venv(venv)
+    except Exception as exc:  # no network, no wheel: say so in the report
+        return {"skipped": f"could not set up {venv}: {exc}"}
+    res = ctx["fdb"]
+    spec = {"store": ctx["store"].path, "mean": res.pca["mean"].tolist(),
+            "components": res.pca["components"].tolist(),
+            "coef_range": [float(v) for v in res.coef_range], "bins": ctx["bins"],
+            "n_groups": ctx["grouping"].n_groups, "codes": ctx["grouping"].codes.tolist(),
+            "workers": ctx["cores"], "repeat": args.repeat}
+    with MemorySampler() as mem:
+        out = run_in_venv(py, spec, args.out)
+    times = out["times"]
+    med = statistics.median(times)
+    row = {"times": times, "median_s": med, "min_s": min(times), "max_s": max(times),
+           "filters_per_s": ctx["n"] / med, "filters_per_s_per_core": ctx["n"] / med / ctx["cores"],
+           "peak_total_mib": mem.peak_total / 2**20, "peak_worker_mib": mem.peak_child / 2**20,
+           "versions": out["versions"]}
+    if ctx["reference"]:
+        row["errors"] = errors({"group_hist": np.asarray(out["group_hist"])}, ctx["reference"])
+    print(f"  {'dask-histogram (own venv)':<32} {med:8.2f}s", file=sys.stderr, flush=True)
+    return row
+
+
 def targets(rep: dict) -> dict:
     c = rep["contenders"]
     out = {}
@@ -272,7 +333,9 @@ def targets(rep: dict) -> dict:
         out["whole_filters_per_s_per_core"] = whole["filters_per_s_per_core"]
         out["extrapolated_full_db_s"] = FULL_DB / whole["filters_per_s"]
         peers = [c[k]["median_s"] for k in ("xhistogram grouped histograms",
-                                            "flox grouped histograms") if k in c]
+                                            "flox grouped histograms",
+                                            "dask-histogram grouped histograms (own venv)")
+                 if k in c and "median_s" in c[k]]
         if "dask-ml PCA (tsqr)" in c and peers:
             out["speedup_vs_daskml_plus_fastest_peer"] = (
                 (c["dask-ml PCA (tsqr)"]["median_s"] + min(peers)) / whole["median_s"])
@@ -281,8 +344,8 @@ def targets(rep: dict) -> dict:
         for k in ("filterdb_dask pass 1", "filterdb_dask pass 2", "filterdb_dask pass 3"):
             if k in c:
                 out[f"{k} / read floor"] = c[k]["median_s"] / floor
-    out["max_worker_peak_mib"] = max(
-        [v.get("peak_worker_mib", 0) for v in c.values()]
+    out["max_worker_peak_mib_filterdb_dask"] = max(
+        [v.get("peak_worker_mib", 0) for k, v in c.items() if k.startswith("filterdb_dask")]
         + [s.get("filterdb_dask whole analysis", {}).get("peak_worker_mib", 0)
            for s in rep.get("scaling", [])])
     return out
@@ -299,6 +362,9 @@ def markdown(rep: dict) -> str:
              "peak MiB/worker | error vs float64 reference |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rep["contenders"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+            continue
         err = "; ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in r.get("errors", {}).items()) or "–"
         lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
@@ -309,7 +375,8 @@ def markdown(rep: dict) -> str:
                   f"M filters/s), plain sequential h5py read {cv['plain_read_s']:.1f} s "
                   "(both from a cold cache): "
                   f"convert runs at {100 * cv['convert_vs_read_speed']:.0f} % of the read's "
-                  f"speed; converter peak RSS {cv['convert_peak_rss_mib']:.0f} MiB."]
+                  f"speed; converter peak RSS {cv['convert_peak_rss_mib']:.0f} MiB (its "
+                  "process alone)."]
     if rep.get("scaling"):
         lines += ["", "| N | convert s | convert peak MiB | read floor s | whole analysis s | "
                       "M filters/s/core | peak MiB (all) | peak MiB/worker |",
