@@ -61,12 +61,6 @@ def _sort_key(v):
     return (1, 0.0, str(v))
 
 
-def _label(v) -> str:
-    if isinstance(v, float | np.floating) and float(v).is_integer():
-        return str(v)
-    return str(v)
-
-
 def make_grouping(meta: pd.DataFrame, by: str) -> Grouping:
     """The grouping of ``meta``'s rows by column ``by`` or by depth decile.
 
@@ -95,7 +89,7 @@ def make_grouping(meta: pd.DataFrame, by: str) -> Grouping:
     na = col.isna().to_numpy()
     values = col.to_numpy(dtype=object)
     uniq = sorted({v for v, m in zip(values, na, strict=True) if not m}, key=_sort_key)
-    labels = [_label(v) for v in uniq]
+    labels = [str(v) for v in uniq]
     lookup = {v: i for i, v in enumerate(uniq)}
     codes = np.array(
         [-1 if m else lookup[v] for v, m in zip(values, na, strict=True)], dtype=np.int64

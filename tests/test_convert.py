@@ -105,20 +105,23 @@ def test_resume_after_sigkill(tmp_path):
     from convert.synth import synthesize
 
     src = str(tmp_path / "big.h5")
-    synthesize(src, n_filters=2_000_000, n_models=60, seed=2)
+    synthesize(src, n_filters=3_000_000, n_models=80, seed=2)
     target = str(tmp_path / "killed.zarr")
     cmd = [sys.executable, "-m", "filterdb_dask.run", "-q", "convert", src, target,
-           "--chunk-filters", "15000", "--codec", "zstd", "--scheduler", "threads"]
+           "--chunk-filters", "8000", "--codec", "zstd", "--scheduler", "threads"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
+    fdir = os.path.join(target, "filters")
     deadline = time.time() + 120
-    while time.time() < deadline and len(_chunk_state(target)) < 8:
-        time.sleep(0.01)
+    # a cheap poll (directory entries) so the kill lands early in the conversion
+    while time.time() < deadline and proc.poll() is None and (
+            not os.path.isdir(fdir) or len(os.listdir(fdir)) < 24):
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = _chunk_state(target)
     attrs = json.load(open(os.path.join(target, "zarr.json")))["attributes"]["filterdb"]
     n_chunks = len(attrs["chunks"])
-    assert 8 <= len(done_before) < n_chunks, "the kill came too late to test a resume"
+    assert 1 <= len(done_before) < n_chunks, "the kill came too late to test a resume"
     assert not attrs["complete"]
     with pytest.raises(StoreError, match="is incomplete"):
         open_store(target)
@@ -127,7 +130,7 @@ def test_resume_after_sigkill(tmp_path):
     after = _chunk_state(target)
     assert all(after[k] == v for k, v in done_before.items()), "finished chunks were rewritten"
     clean = str(tmp_path / "clean.zarr")
-    convert(src, clean, chunk_filters=15000, codec="zstd", verbosity=0)
+    convert(src, clean, chunk_filters=8000, codec="zstd", verbosity=0)
     a, b = open_store(target), open_store(clean)
     assert a.attrs["checksums"] == b.attrs["checksums"]
     np.testing.assert_array_equal(a.filters.compute(), b.filters.compute())
