@@ -244,7 +244,8 @@ def moments_combine(
         return 0.0, np.zeros(d), np.zeros((d, d))
     mu = (n[:, None] * mean).sum(axis=0) / total
     dev = mean - mu
-    between = (dev * n[:, None]).T @ dev
+    # einsum's own loops, not BLAS: the same bits whatever threads BLAS would use
+    between = np.einsum("i,ij,ik->jk", n, dev, dev)
     return float(total), mu, m2.sum(axis=0) + between
 
 
