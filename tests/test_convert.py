@@ -121,7 +121,7 @@ def test_resume_after_sigkill(tmp_path):
     done_before = _chunk_state(target)
     attrs = json.load(open(os.path.join(target, "zarr.json")))["attributes"]["filterdb"]
     n_chunks = len(attrs["chunks"])
-    assert 1 <= len(done_before) < n_chunks, "the kill came too late to test a resume"
+    assert 0 < len(done_before) < n_chunks, "the kill came too late to test a resume"
     assert not attrs["complete"]
     with pytest.raises(StoreError, match="is incomplete"):
         open_store(target)
