@@ -117,7 +117,6 @@ def machine() -> dict:
 def dataset(out: str, n: int, seed: int = 0) -> tuple[str, str, dict]:
     """Synthetic dataset.h5 of n filters and its store (cached under OUT/data)."""
     from convert.synth import synthesize
-    from convert.write import convert
 
     d = os.path.join(out, "data")
     os.makedirs(d, exist_ok=True)

@@ -89,7 +89,7 @@ def main(argv=None):
     rows = []
     for dt in (np.float32, np.float64):
         rows += measure(np.ascontiguousarray(x, dtype=dt), args.tmp)
-    print(f"| codec | dtype | ratio | encode MB/s | decode MB/s | decode M filters/s |")
+    print("| codec | dtype | ratio | encode MB/s | decode MB/s | decode M filters/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['codec']} | {r['dtype']} | {r['ratio']:.3f} | {r['encode_MBps']:.0f} | "

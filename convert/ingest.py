@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from filterdb_dask.errors import InputError, StoreError
+from filterdb_dask.errors import InputError
 
 from .onnx_extract import ModelInfo, read_onnx
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import zlib
 from dataclasses import dataclass
@@ -386,8 +385,3 @@ def _prepare_target(target: str, wanted: dict) -> None:
                 )
         return
     zarr.open_group(target, mode="a")
-
-
-def remove_store(path: str) -> None:
-    """Delete a store directory (used by tests and ``--overwrite``)."""
-    shutil.rmtree(path)

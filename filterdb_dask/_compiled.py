@@ -65,8 +65,8 @@ def _project_block(S, n, mean, comps, C):
 
 
 @njit(**_OPTS)
-def _bin_block(C, k, n, edges, scale, I):
-    """Bin indices I[:n] of C[k, :n] on uniform ``edges`` (numpy rules), -1 outside."""
+def _bin_block(C, k, n, edges, scale, idx):
+    """Bin indices idx[:n] of C[k, :n] on uniform ``edges`` (numpy rules), -1 outside."""
     nb = edges.shape[0] - 1
     lo = edges[0]
     hi = edges[nb]
@@ -76,17 +76,17 @@ def _bin_block(C, k, n, edges, scale, I):
         i = np.intp(g) if g > 0 else 0
         if i > nb - 1:
             i = nb - 1
-        I[r] = i
+        idx[r] = i
     for r in range(n):
         v = C[k, r]
-        i = I[r]
+        i = idx[r]
         if v < edges[i]:
             i -= 1
         elif i != nb - 1 and v >= edges[i + 1]:
             i += 1
         if not (v >= lo and v <= hi):
             i = -1
-        I[r] = i
+        idx[r] = i
 
 
 @njit(**_OPTS)
@@ -327,7 +327,7 @@ def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, hist, fine):
     S = np.empty((d, BLOCK))
     C = np.empty((K, BLOCK))
     P = np.empty(BLOCK)
-    I = np.empty(BLOCK, dtype=np.intp)
+    idx = np.empty(BLOCK, dtype=np.intp)
     nb = edges.shape[0] - 1
     nf = fedges.shape[0] - 1
     scale = nb / (edges[nb] - edges[0])
@@ -344,15 +344,15 @@ def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, hist, fine):
             _scale_block(x, r0, m, S, P)
             _project_block(S, m, mean, comps, C)
             for k in range(K):
-                _bin_block(C, k, m, edges, scale, I)
+                _bin_block(C, k, m, edges, scale, idx)
                 for r in range(m):
-                    i = I[r]
+                    i = idx[r]
                     if i >= 0:
                         hist[li, k, i] += 1
                 if any_group:
-                    _bin_block(C, k, m, fedges, fscale, I)
+                    _bin_block(C, k, m, fedges, fscale, idx)
                     for r in range(m):
-                        i = I[r]
+                        i = idx[r]
                         if i >= 0:
                             scratch[k, i] += 1
         if any_group:

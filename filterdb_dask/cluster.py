@@ -161,7 +161,9 @@ def get_client(opts: ClusterOptions | None = None, *, verbosity: int = 1):
             try:
                 client = Client(opts.address, timeout=opts.connect_timeout)
             except (OSError, TimeoutError) as exc:
-                raise ClusterError(f"cannot reach the scheduler at {opts.address!r}: {exc}") from None
+                raise ClusterError(
+                    f"cannot reach the scheduler at {opts.address!r}: {exc}"
+                ) from None
         elif opts.scheduler_file:
             if not os.path.exists(opts.scheduler_file):
                 raise ClusterError(f"scheduler file {opts.scheduler_file!r} does not exist")

@@ -249,7 +249,7 @@ def write_report(out: str) -> str:
             keep = dens.reshape(len(labels), -1).sum(axis=1) > 0
             if keep.any():
                 _save(fig_ridge(ds["fine_centres"].values, dens[keep],
-                                [lab for lab, k in zip(labels, keep) if k],
+                                [lab for lab, k in zip(labels, keep, strict=False) if k],
                                 f"coefficient densities by {name}"),
                       plots, f"ridge_{slug}", plots_dir)
                 captions[f"ridge_{slug}"] = (f"Binned KDE (Silverman bandwidth) of each "

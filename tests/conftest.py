@@ -40,13 +40,13 @@ def simple_meta(sizes, *, models=None, tasks=None, cats=None, extra=None):
     for i, m in enumerate(models):
         d = sum(1 for j in range(i) if models[j] == m)
         depth.append(d)
-    maxd = {m: max(d for d, mm in zip(depth, models) if mm == m) for m in set(models)}
-    norm = [d / maxd[m] if maxd[m] else 0.0 for d, m in zip(depth, models)]
+    maxd = {m: max(d for d, mm in zip(depth, models, strict=False) if mm == m) for m in set(models)}
+    norm = [d / maxd[m] if maxd[m] else 0.0 for d, m in zip(depth, models, strict=False)]
     df = pd.DataFrame({
         "model_id": models,
         "conv_depth": depth,
         "conv_depth_norm": norm,
-        "filter_ids": [f"{a}:{a + n - 1}" for a, n in zip(starts, sizes)],
+        "filter_ids": [f"{a}:{a + n - 1}" for a, n in zip(starts, sizes, strict=False)],
         "model": [f"m{m}.onnx" for m in models],
         "Task": tasks or ["Classification"] * len(sizes),
         "Visual Category": cats or ["natural"] * len(sizes),

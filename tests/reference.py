@@ -87,7 +87,6 @@ def kl_matrix(coefs, labels, lo, hi, ratio, bins=70):
 def layer_quality(w):
     """(sparsity, variance_entropy, variance_entropy_clean, n_clean) of one layer."""
     w = np.asarray(w, dtype=np.float64).reshape(len(w), 9)
-    n = len(w)
     t = 0.01 * np.abs(w).max()
     if t == 0:
         t = 1.0

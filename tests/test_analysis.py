@@ -112,7 +112,8 @@ def edge_db(tmp_path_factory):
     return str(path), x, pd.read_hdf(path, "meta")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(target=st.one_of(st.just(1), st.integers(2, 400)), engine=st.sampled_from(["auto", "numpy"]))
 def test_edge_db_matches_reference_across_chunkings(edge_db, tmp_path_factory, target, engine):
     path, x, meta = edge_db

@@ -43,7 +43,8 @@ def test_round_trip_every_layout(tmp_path, fmt, name, shape3, dtype):
     st = open_store(tmp_path / "s.zarr")
     assert st.filters.dtype == dtype
     np.testing.assert_array_equal(st.filters.compute(), x.reshape(len(x), 9))
-    assert st.attrs["source"]["name"] == name and st.attrs["source"]["dtype"] == np.dtype(dtype).name
+    assert st.attrs["source"]["name"] == name
+    assert st.attrs["source"]["dtype"] == np.dtype(dtype).name
     # dask chunks are exactly the planned, model-aligned chunks
     assert st.filters.chunks[0] == tuple(int(b - a) for a, b in st.plan)
     starts = st.meta["start"].to_numpy()

@@ -7,12 +7,10 @@ import hashlib
 import os
 import subprocess
 import sys
-import warnings
 import zipfile
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 
 from convert.ingest import ingest

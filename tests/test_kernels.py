@@ -61,7 +61,7 @@ def test_bin_indices_match_numpy_on_edges(bins):
     want, _ = np.histogram(vals, bins=bins, range=(lo, hi))
     np.testing.assert_array_equal(got, want)
     # each value individually, too
-    for v, i in zip(vals[:bins + 1], idx[:bins + 1]):
+    for v, i in zip(vals[:bins + 1], idx[:bins + 1], strict=False):
         h, _ = np.histogram([v], bins=bins, range=(lo, hi))
         assert i == (np.argmax(h) if h.sum() else -1)
 
@@ -123,7 +123,8 @@ def test_kl_matches_scipy_pairwise():
     for g in range(6):
         for h in range(6):
             want = 0.0 if g == h else sum(
-                w[k] * (scipy.stats.entropy(p[g, k], p[h, k]) + scipy.stats.entropy(p[h, k], p[g, k]))
+                w[k] * (scipy.stats.entropy(p[g, k], p[h, k])
+                        + scipy.stats.entropy(p[h, k], p[g, k]))
                 for k in range(9))
             assert m[g, h] == pytest.approx(want, rel=1e-9, abs=1e-15)
     assert np.allclose(m, m.T) and np.all(np.diag(m) == 0)
@@ -152,7 +153,8 @@ def test_numba_equals_numpy(n, cuts, seed, f64):
     if n > 10:
         x[:5] = 0
     pts = sorted({0, n, *[c for c in cuts if c <= n]})
-    b = np.array([[a, e] for a, e in zip(pts[:-1], pts[1:])] or [[0, 0]], dtype=np.int64)
+    pairs = [[a, e] for a, e in zip(pts[:-1], pts[1:], strict=True)]
+    b = np.array(pairs or [[0, 0]], dtype=np.int64)
     if n:
         b = b[::2]  # leave gaps (unreferenced rows)
     npk, nbk = get_kernels("numpy"), get_kernels("numba")
