@@ -52,19 +52,13 @@ def _project(x, mean, comps):
     return (xs - mean) @ comps.T
 
 
-def _codes(x, bounds, codes):
-    out = np.full(len(x), -1, dtype=np.int64)
-    for (a, b), c in zip(bounds, codes, strict=True):
-        out[a:b] = c
-    return out
-
-
 def main(argv=None) -> int:
     import dask
     import dask.array as da
     import dask_histogram as dh
     from distributed import Client, LocalCluster
 
+    from benchmarks.contenders import _row_codes_chunk as _codes
     from filterdb_dask.store import open_store
 
     inp, out = (argv or sys.argv[1:])[:2]

@@ -68,13 +68,12 @@ class FilterStore:
         the chunk, sorted by start; the layer order is :meth:`layer_order`."""
         order = self.layer_order()
         chunk = self.meta["chunk"].to_numpy()[order]
-        start = self.meta["start"].to_numpy()[order]
-        stop = self.meta["stop"].to_numpy()[order]
-        out = []
-        for i, (a, _b) in enumerate(self.plan):
-            sel = chunk == i
-            out.append(np.stack([start[sel] - a, stop[sel] - a], axis=1).astype(np.int64))
-        return out
+        rel = np.stack([self.meta["start"].to_numpy()[order],
+                        self.meta["stop"].to_numpy()[order]], axis=1).astype(np.int64)
+        rel -= self.plan[chunk, :1] if len(chunk) else 0
+        # layers are sorted by chunk: one split, not a mask per chunk (O(L), not O(L*K))
+        cuts = np.searchsorted(chunk, np.arange(1, len(self.plan)))
+        return np.split(rel, cuts)
 
     def layer_order(self) -> np.ndarray:
         """Meta row positions sorted by (chunk, start): the order of per-layer
