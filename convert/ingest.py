@@ -1,4 +1,4 @@
-"""Build or extend a filter DB from model files (ONNX, PyTorch state dicts).
+"""Build or extend a filter DB from model files (ONNX, PyTorch, safetensors, Keras).
 
 ``ingest(models, into)`` appends every model's 3x3 filters and one meta row per
 layer with 3x3 kernels to a ``dataset.h5`` (new, or one written by this tool: its
@@ -36,10 +36,74 @@ class IngestResult:
     layers: int
 
 
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+TORCH_EXTS = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def model_format(path: str) -> str:
+    """``onnx``, ``torch``, ``safetensors`` or ``keras``, from the file's content first.
+
+    HDF5 content (a Keras ``.h5`` / ``.weights.h5``, whatever the extension) is told
+    from a filter DB by its layout; a safetensors file by its extension or its header
+    (8-byte length, then ``{``), a sharded one by its ``.safetensors.index.json`` or
+    the folder holding it; PyTorch by extension; anything else is read as ONNX.
+    """
+    if os.path.isdir(path):
+        return "safetensors"
+    low = path.lower()
+    if low.endswith((".safetensors", ".safetensors.index.json")):
+        return "safetensors"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        head = b""  # the reader names the problem
+    if head[:8] == HDF5_MAGIC:
+        return "keras"
+    if low.endswith(TORCH_EXTS):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "safetensors"
+    return "onnx"
+
+
+def _keras_or_db(path: str) -> None:
+    """Refuse an HDF5 file that is not a Keras model (a filter DB given as a model)."""
+    import h5py
+
+    from .keras_extract import keras_layout
+
+    try:
+        with h5py.File(path, "r") as f:
+            if keras_layout(f) is not None:
+                return
+            is_db = "meta" in f and ("filter" in f or "filters" in f)
+    except OSError as exc:
+        raise InputError(f"{path!r} is not a readable HDF5 file ({exc})") from None
+    if is_db:
+        raise InputError(f"{path!r} is a filter DB, not a model; to add models to it pass it "
+                         "as --into")
+    raise InputError(f"{path!r} is HDF5 but not a Keras weights file (no layer_names "
+                     "attribute, no layers/ group)")
+
+
 def read_model(path: str, *, name: str | None = None) -> ModelInfo:
-    """An ONNX file, or a PyTorch state dict / checkpoint (``.pt``, ``.pth``, ``.bin``)."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".pt", ".pth", ".ckpt", ".bin"):
+    """One model file: ONNX, PyTorch state dict, safetensors or Keras HDF5.
+
+    See :func:`model_format` for how the format is chosen.
+    """
+    path = os.fspath(path)
+    fmt = model_format(path)
+    if fmt == "keras":
+        _keras_or_db(path)
+        from .keras_extract import read_keras
+
+        return read_keras(path, name=name)
+    if fmt == "safetensors":
+        from .safetensors_extract import read_safetensors
+
+        return read_safetensors(path, name=name)
+    if fmt == "torch":
         from .torch_extract import read_state_dict
 
         return read_state_dict(path, name=name)
@@ -137,7 +201,7 @@ def ingest(
 
     Parameters
     ----------
-    models : ONNX / PyTorch files.
+    models : ONNX, PyTorch, safetensors or Keras files (see :func:`model_format`).
     into : target ``.h5`` (created if missing) or store directory.
     fields : descriptive fields for every model (Task, Visual Category, ...).
     meta_file : CSV/YAML with per-model fields (overrides ``fields``).

@@ -1,11 +1,11 @@
 """Conv kernels from PyTorch: a ``state_dict``/checkpoint file or an ``nn.Module``.
 
-There is no graph here, so ``conv_depth`` is the position of the conv layer in
-module (or state-dict) order and ``depth`` the number of conv layers: exact for
-plain feed-forward stacks, an approximation for branching networks (use the
-ONNX route for those). In an ``nn.Module``, a ``BatchNorm2d`` that directly
-follows a ``Conv2d`` is folded into its weights (``w * gamma / sqrt(var + eps)``),
-as ``torch.onnx.export`` does in eval mode, so both routes give the same filters.
+Which state-dict tensors are conv weights, and how ``conv_depth`` follows from
+their order, is :mod:`convert.statedict`'s rule (shared with the safetensors
+route). In an ``nn.Module``, ``conv_depth`` is the position of the ``Conv2d`` in
+module order, and a ``BatchNorm2d`` that directly follows a ``Conv2d`` is folded
+into its weights (``w * gamma / sqrt(var + eps)``), as ``torch.onnx.export`` does
+in eval mode, so both routes give the same filters.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 
 from filterdb_dask.errors import InputError
 
-from .onnx_extract import ConvLayer, ModelInfo, file_sha256
+from .onnx_extract import ModelInfo, file_sha256
+from .statedict import is_conv_weight, state_dict_info
 
 
 def _torch():
@@ -25,16 +26,6 @@ def _torch():
     except ImportError:
         raise InputError("reading PyTorch models needs torch: pip install torch") from None
     return torch
-
-
-def _info(name, path, sha, weights, producer="pytorch") -> ModelInfo:
-    layers = [
-        ConvLayer(node=n, op="Conv", conv_depth=i, kernel=(w.shape[2], w.shape[3]),
-                  weights=np.asarray(w, dtype=np.float64))
-        for i, (n, w) in enumerate(weights)
-    ]
-    return ModelInfo(path=path, name=name, producer=producer, op_set=None, depth=len(layers),
-                     sha256=sha, layers=layers, op_counts={"Conv": len(layers)})
 
 
 def read_state_dict(path: str, *, name: str | None = None) -> ModelInfo:
@@ -57,10 +48,9 @@ def read_state_dict(path: str, *, name: str | None = None) -> ModelInfo:
     if not isinstance(sd, dict):
         raise InputError(f"{path!r} does not hold a state dict")
     weights = [(k, v.detach().cpu().double().numpy()) for k, v in sd.items()
-               if hasattr(v, "ndim") and v.ndim == 4 and k.endswith("weight")
-               and v.is_floating_point()]
-    return _info(name or os.path.splitext(os.path.basename(path))[0], path, file_sha256(path),
-                 weights)
+               if hasattr(v, "ndim") and is_conv_weight(str(k), v.ndim, v.is_floating_point())]
+    return state_dict_info(name or os.path.splitext(os.path.basename(path))[0], path,
+                           file_sha256(path), weights, producer="pytorch")
 
 
 def read_module(module, *, name: str = "module", fold_batchnorm: bool = True) -> ModelInfo:
@@ -82,4 +72,5 @@ def read_module(module, *, name: str = "module", fold_batchnorm: bool = True) ->
     h = hashlib.sha256()
     for _, w in weights:
         h.update(np.ascontiguousarray(w).tobytes())
-    return _info(name, f"<module {name}>", h.hexdigest(), weights)
+    return state_dict_info(name, f"<module {name}>", h.hexdigest(), weights,
+                           producer="pytorch")

@@ -197,11 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
             f"{PROG} report results/\n")
     r.add_argument("dir")
 
-    g = add("ingest", "add ONNX models / PyTorch state dicts to a dataset.h5 or a store",
+    g = add("ingest", "add ONNX / PyTorch / safetensors / Keras models to a dataset.h5 or a store",
             f"{PROG} ingest a.onnx b.onnx --into my.h5 --task Classification "
             "--category natural\n"
             f"{PROG} ingest model.pth --into dataset.zarr --meta-file models.csv\n")
-    g.add_argument("models", nargs="+", help=".onnx files, or .pt/.pth state dicts")
+    g.add_argument("models", nargs="+",
+                   help=".onnx, .pt/.pth state dicts, .safetensors (or a sharded index or "
+                        "its folder), Keras .h5 / .weights.h5")
     g.add_argument("--into", required=True,
                    help="dataset .h5 (created, or one written by ingest) or a store directory")
     g.add_argument("--task", help="Task of every model (e.g. Classification)")

@@ -1,0 +1,290 @@
+"""Conv kernels from Keras HDF5 weight files, read with h5py (no Keras or TensorFlow).
+
+Two layouts are read, told apart by content:
+
+- **Keras 2** (``model.save("m.h5")`` or ``model.save_weights("w.h5")``): the
+  ``layer_names`` attribute (at the root, or on the ``model_weights`` group of a full
+  model) lists the layers in model order; each layer group's ``weight_names``
+  attribute lists its variables, stored at ``<layer>/<weight name>``
+  (e.g. ``conv2d/conv2d/kernel:0``). A full model's ``model_config`` attribute gives
+  each layer's class.
+- **Keras 3** (``model.save_weights("m.weights.h5")``): one group per layer,
+  ``layers/<layer name>/vars/<i>`` (nested models nest ``layers/``), variables
+  numbered in the layer's own order (kernel ``0``, bias ``1``; a separable conv has
+  depthwise ``0``, pointwise ``1``). The file keeps no layer order and no classes
+  (both live in the ``.keras`` archive's config): layers are taken in natural name
+  order (``conv2d``, ``conv2d_1``, ..., ``conv2d_10``: Keras numbers default names
+  per class in creation order, so a stack of one conv class is in model order; layers
+  of several classes or renamed layers are not, and their ``conv_depth`` is an
+  approximation; neither HDF5 object nor data addresses keep the writing order). The
+  class comes from the (default) layer name: ``depthwise_conv2d*``,
+  ``separable_conv2d*``, ``conv2d_transpose*``; a renamed depthwise layer would read
+  as a plain conv.
+
+Keras stores a conv kernel ``(kh, kw, in / groups, out)`` and a depthwise kernel
+``(kh, kw, in, multiplier)``. They become the project's ``(out, in / groups, kh, kw)``
+(as ONNX and PyTorch store them; TensorFlow convolutions are cross-correlations like
+PyTorch's, so no kernel is flipped): ``kernel.transpose(3, 2, 0, 1)``, and for a
+depthwise kernel ``transpose(2, 3, 0, 1).reshape(in * multiplier, 1, kh, kw)``
+(output channel ``c * multiplier + m``, as a PyTorch conv with ``groups=in``).
+A separable conv gives two conv layers (depthwise, then the 1x1 pointwise), as in
+an ONNX export. Transposed convs are left out (as ONNX ``ConvTranspose``).
+``conv_depth`` is the position of the kernel in layer order.
+
+The file is hostile input: only datasets reached through hard or in-file soft links
+are read, never external links, external raw storage or virtual datasets, and a
+dataset whose declared size its storage cannot hold is refused before it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from filterdb_dask.errors import InputError
+
+from .onnx_extract import ConvLayer, ModelInfo, file_sha256
+from .statedict import is_transposed
+
+CONFIG_CAP = 16 << 20  # bytes of a model_config attribute
+MAX_NESTING = 32  # models inside models in a Keras 3 file
+MAX_RATIO = 1100  # declared / stored bytes of a compressed dataset (gzip tops out ~1000x)
+
+
+def keras_layout(f) -> str | None:
+    """``"keras2"``, ``"keras3"`` or None for an open ``h5py.File``."""
+    if "layer_names" in f.attrs:
+        return "keras2"
+    mw = f.get("model_weights", getclass=True)
+    if mw is not None and "layer_names" in f["model_weights"].attrs:
+        return "keras2"
+    if f.get("layers", getclass=True) is not None:
+        return "keras3"
+    return None
+
+
+def _link_target(group, name: str, path: str):
+    """The object behind ``group[name]``, through hard and in-file soft links only."""
+    import h5py
+
+    for _ in range(16):
+        link = group.get(name, getlink=True)
+        if link is None:
+            raise InputError(f"{path!r}: {group.name}/{name} is missing")
+        if isinstance(link, h5py.ExternalLink):
+            raise InputError(f"{path!r}: {group.name}/{name} is an external link to "
+                             f"{link.filename!r}; refusing to read other files")
+        if isinstance(link, h5py.SoftLink):
+            name = link.path
+            group = group.file if name.startswith("/") else group
+            continue
+        try:
+            return group[name]
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{path!r}: {group.name}/{name} cannot be opened "
+                             f"({' '.join(str(exc).split())[:80]})") from None
+    raise InputError(f"{path!r}: {group.name}/{name} is a chain of soft links (a loop?)")
+
+
+def _walk(group, rel: str, path: str):
+    """``group[rel]`` one path component at a time, each checked by :func:`_link_target`."""
+    import h5py
+
+    obj = group
+    for part in [p for p in rel.split("/") if p]:
+        if not isinstance(obj, h5py.Group):
+            raise InputError(f"{path!r}: {obj.name} is not a group")
+        obj = _link_target(obj, part, path)
+    return obj
+
+
+def _read_dataset(obj, path: str) -> np.ndarray:
+    """A dataset's values, refusing indirection and storage that cannot hold it."""
+    import h5py
+
+    if not isinstance(obj, h5py.Dataset):
+        raise InputError(f"{path!r}: {obj.name} is not a dataset")
+    if obj.is_virtual:
+        raise InputError(f"{path!r}: {obj.name} is a virtual dataset; refusing to read other "
+                         "files through it")
+    if obj.external:
+        raise InputError(f"{path!r}: {obj.name} keeps its data in external files "
+                         f"{[e[0] for e in obj.external][:3]!r}; refusing to read them")
+    if obj.dtype.kind not in "fiu" or obj.dtype.itemsize > 8 or obj.shape is None:
+        raise InputError(f"{path!r}: {obj.name} holds {obj.dtype} {obj.shape!r}, not numbers")
+    need = int(np.prod(obj.shape, dtype=object)) * obj.dtype.itemsize
+    have = obj.id.get_storage_size()
+    compressed = bool(obj.id.get_create_plist().get_nfilters())
+    if (have < need and not compressed) or need > MAX_RATIO * have + (1 << 20):
+        raise InputError(f"{path!r}: {obj.name} declares {obj.shape!r} {obj.dtype} "
+                         f"({need:,} bytes) but stores {have:,}; the file is truncated or "
+                         "crafted")
+    try:
+        return obj[()]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path!r}: {obj.name} cannot be read "
+                         f"({' '.join(str(exc).split())[:80]})") from None
+
+
+def _strings(attr, path: str, what: str) -> list[str]:
+    values = np.atleast_1d(np.asarray(attr))
+    if values.dtype.kind not in "SUO":
+        raise InputError(f"{path!r}: attribute {what} is not a list of names")
+    out = []
+    for v in values.tolist():
+        try:
+            out.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
+        except UnicodeDecodeError:
+            raise InputError(f"{path!r}: attribute {what} holds a name that is not UTF-8") \
+                from None
+    return out
+
+
+def _classes(f, path: str) -> dict[str, str]:
+    """Layer name -> class name from a full model's ``model_config`` (if any)."""
+    raw = f.attrs.get("model_config")
+    if raw is None:
+        return {}
+    raw = raw.tobytes() if hasattr(raw, "tobytes") and not isinstance(raw, bytes) else raw
+    raw = raw.encode("utf-8", "replace") if isinstance(raw, str) else bytes(raw)
+    if len(raw) > CONFIG_CAP:
+        raise InputError(f"{path!r}: model_config is over {CONFIG_CAP:,} bytes; refusing it")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InputError(f"{path!r}: model_config is not valid JSON") from None
+    out: dict[str, str] = {}
+    stack = [cfg]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            c = node.get("config")
+            if isinstance(node.get("class_name"), str) and isinstance(c, dict) \
+                    and isinstance(c.get("name"), str):
+                out.setdefault(c["name"], node["class_name"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
+
+
+def _to_filters(kernel: np.ndarray, kind: str) -> np.ndarray:
+    """Keras kernel -> ``(out, in / groups, kh, kw)`` float64 (rule in the module docstring)."""
+    k = np.asarray(kernel, dtype=np.float64)
+    if kind == "depthwise":
+        kh, kw, cin, mult = k.shape
+        return k.transpose(2, 3, 0, 1).reshape(cin * mult, 1, kh, kw)
+    return k.transpose(3, 2, 0, 1)
+
+
+def _keras2(f, path: str) -> list[tuple[str, str, np.ndarray]]:
+    root = f if "layer_names" in f.attrs else _walk(f, "model_weights", path)
+    classes = _classes(f, path)
+    out = []
+    for layer in _strings(root.attrs["layer_names"], path, "layer_names"):
+        if is_transposed(layer) or "Transpose" in classes.get(layer, ""):
+            continue
+        g = _walk(root, layer, path)
+        names = _strings(g.attrs.get("weight_names", []), path, f"weight_names of {layer!r}")
+        for wn in names:
+            var = wn.rsplit("/", 1)[-1].split(":")[0]
+            if var not in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+                continue
+            obj = _walk(g, wn, path)
+            if _ndim(obj) != 4:
+                continue  # Dense kernels, 1-D and 3-D convolutions
+            kind = "depthwise" if var == "depthwise_kernel" or \
+                classes.get(layer) == "DepthwiseConv2D" else "conv"
+            out.append((f"{layer}/{wn}", kind, _read_dataset(obj, path)))
+    return out
+
+
+def _ndim(obj) -> int:
+    return len(getattr(obj, "shape", None) or ())
+
+
+def _keras3_layers(group, prefix: str, path: str, found: list, depth: int = 0) -> None:
+    import h5py
+
+    if depth > MAX_NESTING:
+        raise InputError(f"{path!r}: layers nest more than {MAX_NESTING} deep at {group.name} "
+                         "(a link cycle?)")
+    layers = _walk(group, "layers", path)
+    if not isinstance(layers, h5py.Group):
+        raise InputError(f"{path!r}: {layers.name} is not a group")
+    for name in layers:
+        g = _link_target(layers, name, path)
+        if not isinstance(g, h5py.Group):
+            continue
+        if "layers" in g:
+            _keras3_layers(g, f"{prefix}{name}/", path, found, depth + 1)
+        if "vars" in g:
+            found.append((f"{prefix}{name}", g))
+
+
+def _keras3(f, path: str) -> list[tuple[str, str, np.ndarray]]:
+    found: list = []
+    _keras3_layers(f, "", path, found)
+    picked = []
+    for name, g in found:
+        leaf = name.rsplit("/", 1)[-1]
+        if is_transposed(leaf):
+            continue
+        vars_ = _walk(g, "vars", path)
+        if "0" not in vars_:
+            continue
+        if "separable" in leaf:
+            parts = [("0", "depthwise"), ("1", "conv")]
+        else:
+            parts = [("0", "depthwise" if "depthwise" in leaf else "conv")]
+        for i, kind in parts:
+            obj = _link_target(vars_, i, path)
+            if _ndim(obj) == 4 and obj.dtype.kind == "f":
+                picked.append((f"{name}/vars/{i}", kind, obj))
+    picked.sort(key=lambda t: _natural(t[0]))
+    return [(node, kind, _read_dataset(obj, path)) for node, kind, obj in picked]
+
+
+def _natural(name: str):
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def read_keras(path: str, *, name: str | None = None) -> ModelInfo:
+    """Conv kernels of a Keras 2 ``.h5`` or Keras 3 ``.weights.h5`` file.
+
+    Raises
+    ------
+    InputError
+        Not a Keras HDF5 file, or a file that asks for indirection or more memory
+        than it stores (one line naming the object).
+    """
+    import h5py
+
+    path = os.fspath(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path!r} is not a readable HDF5 file "
+                         f"({' '.join(str(exc).split())[:100]})") from None
+    with f:
+        layout = keras_layout(f)
+        if layout is None:
+            raise InputError(f"{path!r} is HDF5 but not a Keras weights file (no layer_names "
+                             "attribute, no layers/ group)")
+        kernels = _keras2(f, path) if layout == "keras2" else _keras3(f, path)
+    layers = []
+    for i, (node, kind, k) in enumerate(kernels):
+        w = _to_filters(k, kind)
+        layers.append(ConvLayer(node=node, op="Conv", conv_depth=i,
+                                kernel=(int(w.shape[2]), int(w.shape[3])), weights=w))
+    stem = os.path.basename(path)
+    for ext in (".weights.h5", ".h5", ".hdf5", ".keras"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return ModelInfo(path=path, name=name or stem, producer=layout,
+                     op_set=None, depth=len(layers), sha256=file_sha256(path), layers=layers,
+                     op_counts={"Conv": len(layers)})
