@@ -31,6 +31,7 @@ import numpy as np
 from filterdb_dask.errors import InputError
 
 CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
+FILTER_K = 3  # kernels of FILTER_K x FILTER_K become filters
 SHARE_LIMIT = 4  # conv weights per number stored in the file (weight sharing is rare)
 MAX_CHAIN = 64  # Identity / Cast / DequantizeLinear nodes between a weight and its conv
 # bits of the element types that pack several values into one byte or int32
@@ -71,8 +72,9 @@ class ModelInfo:
     def total_filters(self) -> int:
         return sum(lay.n_filters for lay in self.layers)
 
-    def filter_layers(self) -> list[ConvLayer]:
-        return [lay for lay in self.layers if lay.kernel == (3, 3)]
+    def filter_layers(self, k: int = FILTER_K) -> list[ConvLayer]:
+        """The layers whose kernels are ``k x k`` (the DB holds 3x3 filters)."""
+        return [lay for lay in self.layers if lay.kernel == (k, k)]
 
 
 def file_sha256(path: str) -> str:

@@ -18,8 +18,9 @@ float64). Tensors are then read with ``safe_open(..., framework="np")`` (bf16
 arrives as an ``ml_dtypes.bfloat16`` array).
 
 A sharded checkpoint is read through its ``*.safetensors.index.json`` as one
-model: its ``weight_map`` must name plain files in the index's folder (no paths,
-no symlinks), each shard is checked as above and must hold the tensors mapped to it.
+model, known by its folder's name: its ``weight_map`` must name plain files in the
+index's folder (no paths, no symlinks), each shard is checked as above and must hold
+the tensors mapped to it.
 """
 
 from __future__ import annotations
@@ -238,7 +239,9 @@ def read_safetensors(path: str, *, name: str | None = None) -> ModelInfo:
 
     for k in conv:
         weights.append((k, arrays.pop(k).astype(np.float64)))
-    return state_dict_info(name or _model_name(path), path, _sha256(files), weights,
+    # a sharded model is known by its folder (its "model" column and --meta-file key)
+    shown = os.path.dirname(os.path.abspath(path)) if where is not None else path
+    return state_dict_info(name or _model_name(path), shown, _sha256(files), weights,
                            producer="safetensors")
 
 

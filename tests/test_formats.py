@@ -161,7 +161,7 @@ def test_safetensors_sharded_is_one_model(nets, tmp_path):
     for p in (str(index), str(folder)):
         got = read_model(p)
         _same_filters(got, read_state_dict(n["pth"]))
-        assert got.name == "digits-sharded"
+        assert got.name == "digits-sharded" and got.path == str(folder)
     _same_meta(tmp_path, str(index), n["pth"])
 
 
@@ -282,3 +282,22 @@ def test_keras3_layers_in_natural_name_order(tmp_path):
     for lay, w in zip(got.layers, ws, strict=True):
         np.testing.assert_array_equal(lay.weights, w.transpose(3, 2, 0, 1))
     assert [lay.conv_depth for lay in got.layers] == list(range(12))
+
+
+@pytest.mark.parametrize("layout", ["keras2", "keras3"])
+def test_keras_separable_conv_is_depthwise_then_pointwise(tmp_path, layout):
+    rng = np.random.default_rng(3)
+    dw = rng.normal(size=(3, 3, 4, 2)).astype(np.float32)  # 4 channels, multiplier 2
+    pw = rng.normal(size=(1, 1, 8, 5)).astype(np.float32)
+    layers = [("separable_conv2d", [("depthwise_kernel", dw), ("pointwise_kernel", pw),
+                                    ("bias", np.zeros(5, np.float32))])]
+    p = str(tmp_path / ("s.weights.h5" if layout == "keras3" else "s.h5"))
+    (write_keras3 if layout == "keras3" else write_keras2)(p, layers)
+    got = read_model(p)
+    assert [lay.weights.shape for lay in got.layers] == [(8, 1, 3, 3), (5, 8, 1, 1)]
+    assert [lay.conv_depth for lay in got.layers] == [0, 1]
+    # output channel c * 2 + m is input channel c through multiplier m
+    np.testing.assert_array_equal(got.layers[0].weights[2 * 3 + 1, 0], dw[:, :, 3, 1])
+    np.testing.assert_array_equal(got.layers[1].weights[4, 7, 0, 0], pw[0, 0, 7, 4])
+    assert got.kernel_counts() == {"(3, 3) filters": 8, "(1, 1) filters": 40}
+    assert len(got.filter_layers()) == 1 and len(got.filter_layers(1)) == 1
