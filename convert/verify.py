@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import dask
 import numpy as np
 
-from filterdb_dask import progress
+from filterdb_dask import cluster
 from filterdb_dask.errors import StoreError
 from filterdb_dask.store import chunk_name, read_attrs
 
@@ -55,8 +55,12 @@ def _check_chunk(store_path, i, a, b, expected, src_path, src_name, dtype):
     return problems
 
 
-def verify(store: str, source: str | None = None, *, verbosity: int | None = None) -> VerifyReport:
+def verify(store: str, source: str | None = None, *, verbosity: int | None = None,
+           execution: cluster.Execution | None = None) -> VerifyReport:
     """Check every chunk's checksum, and every row against ``source`` when given.
+
+    ``execution`` says where to compute (:func:`filterdb_dask.cluster.execution`;
+    default: dask's current scheduler, progress per ``verbosity``).
 
     Raises
     ------
@@ -85,7 +89,7 @@ def verify(store: str, source: str | None = None, *, verbosity: int | None = Non
         )
         for i, (a, b) in enumerate(plan)
     ]
-    (results,) = progress.compute(tasks, label="verify", verbosity=verbosity)
+    (results,) = cluster.ensure(execution, verbosity).compute(tasks, label="verify")
     for probs in results:
         report.problems.extend(probs)
     return report

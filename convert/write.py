@@ -25,7 +25,7 @@ import dask
 import numpy as np
 import pandas as pd
 
-from filterdb_dask import progress
+from filterdb_dask import cluster
 from filterdb_dask.errors import InputError, StoreBusyError, StoreError
 from filterdb_dask.store import (
     ATTR_KEY,
@@ -255,6 +255,7 @@ def convert(
     codec: str = "lz4",
     filters_name: str | None = None,
     verbosity: int | None = None,
+    execution: cluster.Execution | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (dataset.h5) into the store ``target`` (resumable).
 
@@ -269,7 +270,9 @@ def convert(
         the store and rounds every value to float32.
     codec : 'lz4' (Blosc LZ4 + byte shuffle, default), 'zstd' or 'none'.
     filters_name : the filter dataset's name if not 'filter'/'filters'.
-    verbosity : progress output (0 quiet).
+    verbosity : progress output (0 quiet) when no ``execution`` is given.
+    execution : where to compute (:func:`filterdb_dask.cluster.execution`);
+        default: dask's current scheduler.
 
     Raises
     ------
@@ -333,8 +336,8 @@ def convert(
                 ))
             else:
                 done[i] = crc
-        (results,) = progress.compute(todo, label="convert", verbosity=verbosity,
-                                         io_bound=True) if todo \
+        ex = cluster.ensure(execution, verbosity)
+        (results,) = ex.compute(todo, label="convert", io_bound=True) if todo \
             else ((),)
         bad_total = 0
         bad_rows: list[int] = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from . import config  # noqa: F401  (merges the package defaults into Dask's config)
 from .errors import (
     AnalysisError,
     ClusterError,
@@ -10,9 +14,13 @@ from .errors import (
     StoreBusyError,
     StoreError,
     UnsafePickleError,
+    UsageError,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("filterdb-dask")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AnalysisError",
@@ -22,6 +30,7 @@ __all__ = [
     "StoreBusyError",
     "StoreError",
     "UnsafePickleError",
+    "UsageError",
     "analyze",
     "open_store",
     "__version__",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import kernels, progress
+from . import cluster, kernels
 from .errors import AnalysisError
 from .groups import DEFAULT_BY, Grouping, make_grouping, make_groupings
 from .histograms import coef_range_density, group_histograms, layer_histograms
@@ -277,6 +277,7 @@ def analyze(
     fine_bins: int = 256,
     engine: str = "auto",
     verbosity: int | None = None,
+    execution: cluster.Execution | None = None,
 ) -> Results:
     """Run the analysis of METHOD.md on a store, in three passes.
 
@@ -289,7 +290,9 @@ def analyze(
         subset PCAs; default one per Visual Category.
     fine_bins : bins of the fine histograms behind the ridge plots.
     engine : per-chunk kernels: 'auto', 'numba' or 'numpy'.
-    verbosity : progress output (0 quiet).
+    verbosity : progress output (0 quiet) when no ``execution`` is given.
+    execution : where to compute (:func:`filterdb_dask.cluster.execution`);
+        default: dask's current scheduler.
 
     Returns
     -------
@@ -300,12 +303,16 @@ def analyze(
     AnalysisError
         Unknown grouping column, bad bins, or too few filters.
     """
+    from .engines import resolve_engine
     from .histograms import _validate_bins
     from .store import open_store
 
     if isinstance(store, str | os.PathLike):
         store = open_store(store)
     bins = _validate_bins(bins)
+    # resolved once here: workers run exactly this engine (or fail), so it is the one recorded
+    engine = resolve_engine(engine)
+    ex = cluster.ensure(execution, verbosity)
     fine_bins = _validate_bins(fine_bins, "fine_bins")
     meta = store.meta
     groupings = make_groupings(meta, by)
@@ -320,9 +327,8 @@ def analyze(
         return out
 
     # pass 1
-    (stats_sorted,) = progress.compute(
-        layer_stats(store, engine=engine), label="pass 1/3 moments+quality",
-        verbosity=verbosity,
+    (stats_sorted,) = ex.compute(
+        layer_stats(store, engine=engine), label="pass 1/3 moments+quality"
     )
     stats = _to_meta_order(stats_sorted)
     pca = pca_from_stats(stats)
@@ -331,9 +337,7 @@ def analyze(
 
     # pass 2
     rng_lazy, dens_lazy = coef_range_density(store, pca, engine=engine)
-    coef_range, density = progress.compute(
-        rng_lazy, dens_lazy, label="pass 2/3 range+density", verbosity=verbosity
-    )
+    coef_range, density = ex.compute(rng_lazy, dens_lazy, label="pass 2/3 range+density")
 
     # pass 3
     ridge = [g for g in groupings if g.n_groups <= MAX_RIDGE_GROUPS]
@@ -345,9 +349,7 @@ def analyze(
         store, pca, coef_range, bins=bins, layer_groups=lg, n_groups=int(offsets[-1]),
         fine_bins=fine_bins, engine=engine,
     )
-    hist_sorted, fine = progress.compute(
-        hist_lazy, fine_lazy, label="pass 3/3 histograms", verbosity=verbosity
-    )
+    hist_sorted, fine = ex.compute(hist_lazy, fine_lazy, label="pass 3/3 histograms")
     layer_hist = _to_meta_order(hist_sorted)
     group_hist = {g.slug: group_histograms(layer_hist, g.codes, g.n_groups) for g in groupings}
     kl = {
@@ -356,8 +358,6 @@ def analyze(
         for g in groupings
     }
     fine_hist = {g.slug: fine[offsets[j]: offsets[j + 1]] for j, g in enumerate(ridge)}
-    from .engines import get_kernels
-
     return Results(
         meta=meta,
         pca=pca,
@@ -376,7 +376,7 @@ def analyze(
         subsets=subset_pcas,
         settings={
             "bins": bins, "by": [g.name for g in groupings], "fine_bins": fine_bins,
-            "engine": get_kernels(engine).name, "store": getattr(store, "path", None),
+            "engine": engine, "store": getattr(store, "path", None),
             "n_chunks": store.n_chunks, "n_layers": len(meta),
         },
     )

@@ -1,4 +1,9 @@
-"""Choose between the compiled (numba) and the plain numpy per-chunk kernels."""
+"""Choose between the compiled (numba) and the plain numpy per-chunk kernels.
+
+'auto' is resolved once, where the analysis is planned (:func:`resolve_engine`),
+and the concrete name travels with the tasks: every worker runs that engine or
+fails saying so, so the engine a result set records is the one that ran.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,17 @@ def _compiled():
 def numba_available() -> bool:
     """Whether the compiled kernels can be used here."""
     return _compiled() is not None
+
+
+def resolve_engine(engine: str = "auto") -> str:
+    """The concrete engine ('numba' or 'numpy') that ``engine`` means here.
+
+    Raises
+    ------
+    AnalysisError
+        As :func:`get_kernels`.
+    """
+    return get_kernels(engine).name
 
 
 def get_kernels(engine: str = "auto") -> SimpleNamespace:

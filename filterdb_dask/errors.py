@@ -1,7 +1,10 @@
-"""Exception types shared by the reader, the converter and the analysis.
+"""Exception types shared by the reader, the converter, the analysis and the CLI.
 
 Every domain error also subclasses a builtin, so callers can catch either
-(``except StoreError`` or ``except ValueError``).
+(``except StoreError`` or ``except ValueError``). The CLI maps :class:`UsageError`
+to exit code 2 and every other :class:`FilterDBError` to exit code 1. Errors
+raised because of another exception chain it (``raise ... from exc``), so
+``--debug`` shows the cause.
 """
 
 from __future__ import annotations
@@ -9,6 +12,10 @@ from __future__ import annotations
 
 class FilterDBError(Exception):
     """Base class of every error this package raises on purpose."""
+
+
+class UsageError(FilterDBError, ValueError):
+    """Options that contradict each other or cannot apply (exit code 2 in the CLI)."""
 
 
 class InputError(FilterDBError, ValueError):

@@ -1,8 +1,10 @@
-"""Compute dask collections with progress: a bar in a terminal, log lines otherwise.
+"""Progress reporting only: a bar in a terminal, log lines otherwise.
 
-One entry point, :func:`compute`, works with every scheduler: on a distributed
-client it follows the scheduler's task states, on the local schedulers it counts
-finished tasks with a dask callback. ``verbosity`` 0 is quiet.
+:class:`Reporter` draws ``done / total`` for one labelled step on stderr;
+:func:`counting` feeds it from dask's local schedulers (a callback counting
+finished tasks) and :func:`follow` from a distributed client's futures. What is
+computed where is decided by :mod:`filterdb_dask.cluster`, never here.
+``verbosity`` 0 is quiet.
 """
 
 from __future__ import annotations
@@ -10,11 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-import dask
 from dask.callbacks import Callback
-
-#: module-wide default, set by the CLI's -q/-v
-VERBOSITY = 1
 
 
 class Reporter:
@@ -25,7 +23,7 @@ class Reporter:
     ):
         self.label = label
         self.unit = unit
-        self.verbosity = VERBOSITY if verbosity is None else verbosity
+        self.verbosity = 1 if verbosity is None else verbosity
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.t0 = time.monotonic()
@@ -82,52 +80,23 @@ class _CountingCallback(Callback):
         self.reporter.update(self.done, max(self.total, self.done))
 
 
-def _current_client():
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
-    try:
-        return default_client()
-    except ValueError:
-        return None
+def counting(reporter: Reporter) -> Callback:
+    """A dask callback (use as a context manager) that reports finished tasks."""
+    return _CountingCallback(reporter)
 
 
-def compute(
-    *collections, label: str = "computing", verbosity: int | None = None, io_bound: bool = False
-):
-    """``dask.compute(*collections)`` with progress on stderr.
+def follow(futures, reporter: Reporter) -> None:
+    """Report the scheduler's progress on ``futures`` (returns at once; no-op if quiet)."""
+    if reporter.verbosity <= 0 or not futures:
+        return
+    from distributed.diagnostics.progressbar import TextProgressBar
 
-    ``io_bound=True`` runs twice as many threads as cores on the local threaded
-    scheduler, so reads overlap with compression (no effect on other schedulers).
-    Returns a tuple of results, like ``dask.compute``.
-    """
-    rep = Reporter(label, verbosity=verbosity)
-    client = _current_client()
-    scheduler = dask.config.get("scheduler", None)
-    if client is not None and scheduler in (None, "dask.distributed", "distributed"):
-        from distributed.diagnostics.progressbar import TextProgressBar
+    class _Bar(TextProgressBar):
+        def _draw_bar(self, remaining, all, **kwargs):
+            reporter.update(all - remaining, all)
 
-        class _Bar(TextProgressBar):
-            def _draw_bar(self, remaining, all, **kwargs):
-                rep.update(all - remaining, all)
+        def _draw_stop(self, **kwargs):
+            pass
 
-            def _draw_stop(self, **kwargs):
-                pass
-
-        futures = client.compute(list(collections))
-        if rep.verbosity > 0:
-            _Bar(futures, scheduler=client.scheduler.address, interval="200ms")
-        results = client.gather(futures)
-        rep.finish()
-        return tuple(results)
-    kwargs = {}
-    if io_bound and scheduler in (None, "threads", "threading") and \
-            dask.config.get("num_workers", None) is None:
-        import os
-
-        kwargs["num_workers"] = 2 * (os.cpu_count() or 1)
-    with _CountingCallback(rep):
-        results = dask.compute(*collections, **kwargs)
-    rep.finish()
-    return results
+    # the futures' own client gives the bar its address and credentials (TLS)
+    _Bar(futures, scheduler=futures[0].client.scheduler.address, interval="200ms")

@@ -1,6 +1,6 @@
 """Command line: ``python -m filterdb_dask.run`` / ``filterdb-dask``.
 
-Parses arguments, sets up the scheduler (``cluster.get_client``) and dispatches;
+Parses arguments, enters the execution context (``cluster.execution``) and dispatches;
 no analysis logic lives here. Exit codes: 0 success, 1 runtime error, 2 usage
 error. Errors print one line on stderr; ``--debug`` re-raises them.
 """
@@ -15,15 +15,11 @@ import sys
 import textwrap
 
 from . import progress
-from .errors import FilterDBError
+from .errors import FilterDBError, UsageError
 
 PROG = "filterdb-dask"
 DEMO_FILTERS = 3_000_000
 DEMO_MODELS = 40
-
-
-class UsageError(Exception):
-    """Bad command-line usage (exit code 2)."""
 
 
 def _count(text: str) -> int:
@@ -58,12 +54,17 @@ def default_cache_dir() -> str:
 
 
 # ------------------------------------------------------------------------- parser
-def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
+def _add_execution_options(p: argparse.ArgumentParser) -> None:
+    """The execution options, the same for every command (meaning: filterdb_dask.cluster)."""
     from .cluster import JOBQUEUE, SCHEDULERS
 
-    g = p.add_argument_group("scheduler (default: a local distributed cluster)")
-    g.add_argument("--scheduler", choices=SCHEDULERS, default="distributed",
-                   help="dask scheduler; 'distributed' starts a local cluster on 127.0.0.1")
+    g = p.add_argument_group(
+        "execution (default: filterdb_dask.scheduler.<command> in the package config)")
+    # no argparse defaults: None means "not given", so the command's default applies
+    g.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="'distributed' starts a local TLS-secured cluster on 127.0.0.1; "
+                        "threads|processes|synchronous are dask's local schedulers "
+                        "(default: threads for convert/verify, distributed for analyze)")
     g.add_argument("--address", metavar="URL",
                    help="an existing scheduler, e.g. tcp://10.0.0.5:8786 (tls:// uses "
                         "Dask's distributed.comm.tls config)")
@@ -78,21 +79,42 @@ def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--walltime", help="walltime per job, e.g. 01:00:00 (--cluster)")
     g.add_argument("--queue", help="queue/partition (--cluster)")
     g.add_argument("--dry-run", action="store_true",
-                   help="print the batch job script and exit (--cluster)")
+                   help="print the batch job script and exit; submits nothing (--cluster)")
     g.add_argument("--workers", type=_positive_int,
                    help="local cluster: worker processes (default: one per core)")
-    g.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 2GB")
+    g.add_argument("--memory-limit",
+                   help="local cluster: memory per worker, e.g. 2GB (default: LocalCluster's "
+                        "'auto', system memory / workers)")
+    g.add_argument("--dashboard", action="store_true", default=None,
+                   help="local cluster: serve the dask dashboard on 127.0.0.1 (off by "
+                        "default: any local user could view it)")
 
 
-def _cluster_options(args):
-    from .cluster import ClusterOptions
+def _execution_options(args):
+    from .cluster import ExecutionOptions
 
-    return ClusterOptions(
+    return ExecutionOptions(
         scheduler=args.scheduler, address=args.address, scheduler_file=args.scheduler_file,
         cluster=args.cluster, jobs=args.jobs, cores=args.cores, memory=args.memory,
         walltime=args.walltime, queue=args.queue, dry_run=args.dry_run,
-        workers=args.workers, memory_limit=args.memory_limit,
+        workers=args.workers, memory_limit=args.memory_limit, dashboard=args.dashboard,
     )
+
+
+def _execution(args):
+    """The execution context the command's options ask for (a context manager)."""
+    from .cluster import execution
+
+    return execution(_execution_options(args), command=args.command,
+                     verbosity=_verbosity(args))
+
+
+def _dry_run(args) -> int:
+    """``--dry-run`` of any command: print the job script; run and submit nothing."""
+    from .cluster import job_script
+
+    print(job_script(_execution_options(args)))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,15 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store dtype (default: the source's; float32 halves the store)")
     c.add_argument("--codec", choices=("lz4", "zstd", "none"), default="lz4")
     c.add_argument("--filters-name", help="filter dataset name if not filter/filters")
-    _add_scheduler_options(c)
-    c.set_defaults(scheduler="threads")
+    _add_execution_options(c)
 
     v = add("verify", "re-check a store's checksums (and every row against the source)",
             f"{PROG} verify dataset.zarr\n{PROG} verify dataset.zarr dataset.h5\n")
     v.add_argument("store")
     v.add_argument("source", nargs="?")
-    _add_scheduler_options(v)
-    v.set_defaults(scheduler="threads")
+    _add_execution_options(v)
 
     i = add("info", "what a store holds: models, layers, filters, groups, chunks, size",
             f"{PROG} info dataset.zarr\n{PROG} info dataset.zarr --json\n")
@@ -191,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset PCA (repeatable; default one per Visual Category)")
     a.add_argument("--engine", choices=("auto", "numba", "numpy"), default="auto")
     a.add_argument("--no-report", action="store_true", help="skip the HTML report")
-    _add_scheduler_options(a)
+    _add_execution_options(a)
 
     r = add("report", "(re)build DIR/report.html and PNGs from an analysis directory",
             f"{PROG} report results/\n")
@@ -240,12 +260,10 @@ def cmd_synth(args) -> int:
 def cmd_convert(args) -> int:
     from convert.write import convert
 
-    from .cluster import get_client
-
-    with get_client(_cluster_options(args), verbosity=_verbosity(args)):
+    with _execution(args) as ex:
         res = convert(args.source, args.target, chunk_filters=args.chunk_filters,
                       dtype=args.dtype, codec=args.codec, filters_name=args.filters_name,
-                      verbosity=_verbosity(args))
+                      execution=ex)
     note = f", {res.unreferenced:,} rows referenced by no meta row" if res.unreferenced else ""
     print(f"converted {args.source} -> {res.path}: {res.n_filters:,} filters in "
           f"{res.n_chunks} chunks ({res.written} written, {res.skipped} already done), "
@@ -256,10 +274,8 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     from convert.verify import verify
 
-    from .cluster import get_client
-
-    with get_client(_cluster_options(args), verbosity=_verbosity(args)):
-        rep = verify(args.store, args.source, verbosity=_verbosity(args))
+    with _execution(args) as ex:
+        rep = verify(args.store, args.source, execution=ex)
     if rep.ok:
         what = " and the source" if rep.checked_source else ""
         print(f"{args.store}: {rep.chunks} chunks OK (checksums{what})")
@@ -330,7 +346,6 @@ def cmd_info(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze
-    from .cluster import get_client
     from .groups import DEFAULT_BY
     from .store import open_store
 
@@ -342,14 +357,11 @@ def cmd_analyze(args) -> int:
             if "=" not in spec:
                 raise UsageError(f"--subset {spec!r} is not COL=VALUE")
             subsets[spec] = spec
-    opts = _cluster_options(args)
-    if args.dry_run:
-        return _dry_run(opts)
-    with get_client(opts, verbosity=_verbosity(args)):
+    with _execution(args) as ex:
         res = analyze(store, by=args.by or list(DEFAULT_BY), bins=args.bins,
                       subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
-                      verbosity=_verbosity(args))
-    res.settings.update({"scheduler": _describe_scheduler(opts)})
+                      execution=ex)
+    res.settings.update({"scheduler": ex.description})
     res.write(args.out)
     print(f"results: {os.path.abspath(args.out)}")
     if not args.no_report:
@@ -357,29 +369,6 @@ def cmd_analyze(args) -> int:
 
         path = write_report(args.out)
         print(f"report: {path}")
-    return 0
-
-
-def _describe_scheduler(opts) -> str:
-    if opts.address:
-        return f"existing scheduler {opts.address}"
-    if opts.scheduler_file:
-        return f"scheduler file {opts.scheduler_file}"
-    if opts.cluster:
-        return f"dask-jobqueue {opts.cluster}, {opts.jobs} job(s)"
-    return "local distributed cluster" if opts.scheduler == "distributed" else opts.scheduler
-
-
-def _dry_run(opts) -> int:
-    from .cluster import jobqueue_cluster
-
-    if not opts.cluster:
-        raise UsageError("--dry-run needs --cluster")
-    cluster = jobqueue_cluster(opts)
-    try:
-        print(cluster.job_script())
-    finally:
-        cluster.close()
     return 0
 
 
@@ -417,7 +406,7 @@ def cmd_demo(args) -> int:
     from convert.write import convert
 
     from .analysis import analyze
-    from .cluster import ClusterOptions, get_client
+    from .cluster import execution
     from .report import write_report
 
     verb = _verbosity(args)
@@ -433,10 +422,10 @@ def cmd_demo(args) -> int:
         synthesize(h5, n_filters=DEMO_FILTERS, n_models=DEMO_MODELS, seed=0,
                    progress=rep.update)
         rep.finish()
-    with get_client(ClusterOptions(), verbosity=verb):
-        convert(h5, store, verbosity=verb)
-        res = analyze(store, verbosity=verb)
-    res.settings.update({"scheduler": "local distributed cluster"})
+    with execution(command="analyze", verbosity=verb) as ex:
+        convert(h5, store, execution=ex)
+        res = analyze(store, execution=ex)
+    res.settings.update({"scheduler": ex.description})
     res.write(out)
     path = write_report(out)
     print(f"results: {out}")
@@ -457,9 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
-    progress.VERBOSITY = _verbosity(args)
     os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
     try:
+        if getattr(args, "dry_run", False):
+            return _dry_run(args)
         return COMMANDS[args.command](args)
     except UsageError as exc:
         if args.debug:

@@ -1,13 +1,15 @@
-"""Real multi-process clusters over loopback TCP: results equal the threaded ones,
-and survive a SIGKILLed worker."""
+"""Real multi-process clusters over loopback: results equal the threaded ones,
+survive a SIGKILLed worker, and the local cluster admits only its owner."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -15,8 +17,9 @@ import pandas as pd
 import psutil
 import pytest
 
-from filterdb_dask.cluster import ClusterOptions, get_client
-from filterdb_dask.errors import ClusterError
+from filterdb_dask.analysis import analyze
+from filterdb_dask.cluster import ExecutionOptions, execution
+from filterdb_dask.errors import ClusterError, UsageError
 from filterdb_dask.run import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,13 +142,136 @@ def test_local_distributed_cluster_equals_threads(synth_store, threaded, tmp_pat
 
 
 def test_cluster_option_errors(tmp_path):
-    with pytest.raises(ClusterError, match="choose one of --address, --scheduler-file"):
-        with get_client(ClusterOptions(address="tcp://127.0.0.1:1", scheduler_file="x")):
+    with pytest.raises(UsageError, match="choose one of --address, --scheduler-file"):
+        with execution(ExecutionOptions(address="tcp://127.0.0.1:1", scheduler_file="x")):
+            pass
+    with pytest.raises(UsageError, match="--scheduler threads cannot be combined with --cluster"):
+        with execution(ExecutionOptions(scheduler="threads", cluster="slurm")):
+            pass
+    with pytest.raises(UsageError, match="--dry-run prints a batch job script: it needs"):
+        with execution(ExecutionOptions(dry_run=True)):
+            pass
+    with pytest.raises(UsageError, match="a dry run computes nothing"):
+        with execution(ExecutionOptions(dry_run=True, cluster="slurm")):
             pass
     with pytest.raises(ClusterError, match="scheduler file '.*nope.json' does not exist"):
-        with get_client(ClusterOptions(scheduler_file=str(tmp_path / "nope.json"))):
+        with execution(ExecutionOptions(scheduler_file=str(tmp_path / "nope.json"))):
             pass
-    with pytest.raises(ClusterError, match="cannot reach the scheduler"):
-        with get_client(ClusterOptions(address=f"tcp://127.0.0.1:{_free_port()}",
-                                       connect_timeout="2s")):
+    with pytest.raises(ClusterError, match="cannot reach the scheduler") as info:
+        with execution(ExecutionOptions(address=f"tcp://127.0.0.1:{_free_port()}",
+                                        connect_timeout="2s")):
             pass
+    assert info.value.__cause__ is not None  # the cause is chained, for --debug
+
+
+# A process that is not the analyst tries to run code through the scheduler: it
+# imports what it needs, drops to `nobody` (the interpreter may live under a 0700
+# home, so exec'ing it as nobody is not possible here), connects and submits a task
+# that writes a marker file on the worker.
+FOREIGN = textwrap.dedent("""
+    import json, os, sys
+    import ssl, tempfile
+    from distributed import Client
+    from distributed.security import Security
+    import distributed.comm.tcp
+    addr, marker, mode, as_nobody = sys.argv[1:5]
+    creds = json.loads(sys.stdin.read() or "null")
+    own = Security.temporary()
+    if as_nobody == "1":
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    def touch(path):
+        with open(path, "w") as fh:
+            fh.write("ran")
+        return os.getuid()
+
+    kw = {"none": {}, "tcp": {}, "own": {"security": own},
+          "run": {"security": Security(**(creds or {}))}}[mode]
+    target = addr.replace("tls://", "tcp://") if mode == "tcp" else addr
+    try:
+        with Client(target, timeout="10s", **kw) as c:
+            c.submit(touch, marker, pure=False).result(timeout=60)
+        print("CONNECTED", os.getuid())
+    except Exception as exc:
+        print("REFUSED", os.getuid(), type(exc).__name__, " ".join(str(exc).split())[:300])
+""")
+
+
+def test_local_cluster_refuses_foreign_clients(synth_store, threaded, tmp_path):
+    root = os.geteuid() == 0
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    attempts = [("none", False), ("tcp", False), ("own", False)]
+    if root:
+        attempts += [("none", True), ("own", True), ("run", True)]
+    out = str(tmp_path / "out")
+    with execution(ExecutionOptions(workers=2), command="analyze", verbosity=0) as ex:
+        addr = ex.client.scheduler.address
+        assert addr.startswith("tls://127.0.0.1:")
+        sec = ex.client.security
+        creds = {"tls_ca_file": sec.tls_ca_file, "tls_client_cert": sec.tls_client_cert,
+                 "tls_client_key": sec.tls_client_key, "require_encryption": True}
+        procs = []
+        for mode, nobody in attempts:
+            marker = marker_dir / f"{mode}-{'nobody' if nobody else 'owner'}"
+            p = subprocess.Popen(
+                [sys.executable, "-c", FOREIGN, addr, str(marker), mode, "1" if nobody else "0"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, cwd="/")
+            # only the control gets the run's credentials, through its own pipe
+            p.stdin.write(json.dumps(creds) if mode == "run" else "")
+            p.stdin.close()
+            procs.append((mode, nobody, marker, p))
+        # the real analysis runs while they try
+        res = analyze(synth_store, execution=ex)
+        res.write(out)
+        outcomes = {}
+        for mode, nobody, marker, p in procs:
+            p.wait(timeout=180)
+            outcomes[(mode, nobody)] = (p.stdout.read().strip(), p.stderr.read()[-2000:],
+                                        marker.exists())
+    _assert_same(_read(out), threaded)
+    for (mode, nobody), (stdout, stderr, ran) in outcomes.items():
+        who = "nobody" if nobody else "the owner without the run's credentials"
+        if mode == "run":
+            # the control: with the credentials, the same harness gets in
+            assert stdout.startswith("CONNECTED"), (stdout, stderr)
+            assert ran
+            continue
+        assert stdout.startswith("REFUSED"), f"{mode} as {who}: {stdout} {stderr}"
+        assert "PermissionError" not in stdout and "ImportError" not in stdout, stdout
+        assert not ran, f"a task of {who} ({mode}) ran on the analyst's cluster"
+
+
+def test_local_cluster_settings(tmp_path, monkeypatch):
+    from filterdb_dask import config
+
+    # a nanny copies its pre-spawn environment into its parent's os.environ; a
+    # default LocalCluster started earlier in this test process would leak Dask's
+    # MALLOC_TRIM_THRESHOLD_ into ours (the CLI's process starts clean)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    wanted = config.get("local-cluster.pre-spawn-environ")
+    with execution(ExecutionOptions(workers=1), command="analyze", verbosity=0) as ex:
+        import urllib.error
+        import urllib.request
+
+        info = ex.client.scheduler_info()
+        # no dashboard: the scheduler's plain-HTTP server serves nothing
+        port = info["services"]["dashboard"]
+        for route in ("status", "info/main/workers.html", "json/identity.json", "metrics"):
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/{route}", timeout=10)
+        env = ex.client.run(lambda: {k: os.environ.get(k) for k in
+                                     ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")})
+        (worker_env,) = env.values()
+        for k, v in worker_env.items():
+            assert v == (str(wanted[k]) if k in wanted else None), (k, v)
+        assert worker_env["MALLOC_TRIM_THRESHOLD_"] != "65536"  # Dask's default is replaced
+        assert worker_env["MALLOC_MMAP_THRESHOLD_"] is not None
+        # LocalCluster's own 'auto' memory limit
+        (w,) = info["workers"].values()
+        assert w["memory_limit"] > 0
+        assert ex.description.startswith("local distributed cluster (TLS)")

@@ -1,14 +1,16 @@
-"""A real HPC deployment: dask-jobqueue submits worker jobs to a local SLURM."""
+"""HPC routes: dry runs of every command against a recording fake ``sbatch``, and a
+real deployment where dask-jobqueue submits worker jobs to a local SLURM."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 
 import pytest
 
-from filterdb_dask.run import main
+from filterdb_dask.run import build_parser, main
 from tests import slurm_helper
 from tests.test_cluster import _assert_same, _read
 
@@ -48,6 +50,68 @@ def slurm(tmp_path_factory):
         os.environ["SLURM_CONF"] = old
 
 
+@pytest.fixture
+def fake_batch(tmp_path, monkeypatch):
+    """sbatch/squeue/scancel first on PATH, each recording its calls in a file."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "batch-calls.log"
+    for name in ("sbatch", "squeue", "scancel", "qsub", "bsub"):
+        f = bin_dir / name
+        f.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\necho "Submitted batch job 4242"\n')
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert shutil.which("sbatch") == str(bin_dir / "sbatch")
+    return calls
+
+
+@pytest.mark.parametrize("scheduler", [[], ["--scheduler", "distributed"]])
+def test_dry_run_of_every_command_submits_nothing(fake_batch, synth_h5, synth_store, tmp_path,
+                                                  capsys, scheduler):
+    opts = ["--cluster", "slurm", "--dry-run", "--cores", "2", "--memory", "3GB", *scheduler]
+    commands = {
+        "convert": ["convert", synth_h5, str(tmp_path / "new.zarr")],
+        "verify": ["verify", synth_store, synth_h5],
+        "analyze": ["analyze", synth_store, "--out", str(tmp_path / "out")],
+    }
+    for name, argv in commands.items():
+        assert main([*argv, *opts]) == 0, (name, capsys.readouterr().err)
+        script = capsys.readouterr().out
+        assert script.startswith("#!/"), (name, script)
+        assert "#SBATCH" in script and "--cpus-per-task=2" in script, (name, script)
+    assert not fake_batch.exists(), f"submitted: {fake_batch.read_text()}"
+    assert not (tmp_path / "new.zarr").exists() and not (tmp_path / "out").exists()
+
+
+def test_execution_options_same_for_every_command(synth_h5, synth_store, tmp_path, capsys):
+    def execution_flags(command):
+        sub = build_parser()._subparsers._group_actions[0].choices[command]
+        (group,) = [g for g in sub._action_groups if g.title.startswith("execution")]
+        return {s for a in group._group_actions for s in a.option_strings}
+
+    flags = {c: execution_flags(c) for c in ("convert", "verify", "analyze")}
+    assert flags["convert"] == flags["verify"] == flags["analyze"]
+    assert {"--scheduler", "--address", "--scheduler-file", "--cluster", "--dry-run"} <= \
+        flags["analyze"]
+    # an explicit local scheduler with a target is a contradiction for every command
+    for argv in (["convert", synth_h5, str(tmp_path / "x.zarr")], ["verify", synth_store],
+                 ["analyze", synth_store, "--out", str(tmp_path / "o")]):
+        assert main([*argv, "--scheduler", "threads", "--cluster", "slurm", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "--scheduler threads cannot be combined with --cluster" in err
+        assert main([*argv, "--dry-run"]) == 2
+        assert "--dry-run prints a batch job script: it needs --cluster" in \
+            capsys.readouterr().err
+
+
+def test_jobqueue_resources_are_not_guessed(fake_batch, dask_config_dir, synth_store, tmp_path,
+                                            capsys):
+    assert main(["analyze", synth_store, "--out", str(tmp_path / "o"), "--cluster", "slurm",
+                 "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot set up a slurm cluster" in err and "--cores/--memory" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not fake_batch.exists()
 
 
 def test_dry_run_job_script(dask_config_dir, synth_store, capsys, tmp_path):
