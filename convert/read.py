@@ -3,11 +3,16 @@
 The filters are read with h5py; the ``/meta`` table written by ``pandas.HDFStore``
 (fixed or table format) is rebuilt from the raw HDF5 objects with h5py, never with
 ``pandas.read_hdf`` or PyTables, both of which unpickle whatever the file holds.
-Pickles are loaded by :mod:`convert.safepickle`, which admits plain data only.
+Pickles are decoded by :mod:`convert.safepickle`, which never unpickles.
+
+A downloaded file may point elsewhere: every node is reached through :func:`node`,
+which refuses external and soft links, external raw storage and virtual datasets,
+and :func:`check_storage` refuses sizes the file does not back with data.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,7 +23,7 @@ import pandas as pd
 
 from filterdb_dask.errors import InputError, UnsafePickleError
 
-from .safepickle import safe_loads
+from .safepickle import decode
 
 FILTER_NAMES = ("filter", "filters")
 INDEX_LEVELS = ("model_id", "conv_depth", "conv_depth_norm")
@@ -77,10 +82,114 @@ def open_h5(path: str) -> h5py.File:
         ) from None
 
 
+def _where(obj) -> str:
+    return f"{obj.file.filename!r} {obj.name}"
+
+
+def node(group: h5py.Group, name: str) -> h5py.Dataset | h5py.Group:
+    """``group[name]``, refusing every way HDF5 can point elsewhere.
+
+    Only hard links are followed: an external link would open another file, a soft
+    link can dangle or loop. A dataset is refused when its raw data lives outside the
+    file (external storage) or in other datasets or files (virtual dataset).
+
+    Raises
+    ------
+    InputError
+        Missing, linked, external or virtual.
+    """
+    where = f"{group.file.filename!r} {group.name.rstrip('/')}/{name}"
+    raw = name.encode("utf-8")
+    if "/" in name or not group.id.links.exists(raw):
+        raise InputError(f"{where} does not exist")
+    kind = group.id.links.get_info(raw).type
+    if kind == h5py.h5l.TYPE_EXTERNAL:
+        filename, target = group.id.links.get_val(raw)
+        raise InputError(
+            f"{where} is an external link to {target.decode(errors='replace')!r} in "
+            f"{filename.decode(errors='replace')!r}; links into other files are not followed"
+        )
+    if kind != h5py.h5l.TYPE_HARD:
+        raise InputError(
+            f"{where} is a soft or user-defined link, not a stored object; only plain "
+            "objects are read (a link can dangle, loop or lead elsewhere)"
+        )
+    obj = group[name]
+    if isinstance(obj, h5py.Dataset):
+        if obj.is_virtual:
+            raise InputError(
+                f"{where} is a virtual dataset (its data lives in other datasets or files); "
+                "only datasets stored in the file are read"
+            )
+        if obj.external:
+            files = ", ".join(repr(e[0]) for e in obj.external[:3])
+            raise InputError(
+                f"{where} keeps its raw data in external file(s) {files}; only data stored "
+                "in the file itself is read"
+            )
+    return obj
+
+
+#: a chunked filter dataset above this size may compress at most MAX_RATIO:1
+BOMB_MIN_BYTES = 256 << 20
+MAX_RATIO = 64
+
+
+def check_storage(dset: h5py.Dataset, *, max_bytes: int | None = None) -> None:
+    """Refuse a dataset whose declared size is not backed by data in the file.
+
+    A contiguous dataset must have its bytes allocated; a chunked one must have
+    every chunk allocated (a few MB of file claiming 2**34 rows of fill values would
+    otherwise be read for hours) and, when large, compress at most ``MAX_RATIO``:1.
+    ``max_bytes`` bounds what is read into memory at once (meta nodes).
+
+    Raises
+    ------
+    InputError
+    """
+    where = _where(dset)
+    declared = math.prod(dset.shape or ()) * dset.dtype.itemsize
+    if max_bytes is not None and declared > max_bytes:
+        raise InputError(
+            f"{where} declares {declared:,} bytes; a meta node may hold at most {max_bytes:,}"
+        )
+    if declared == 0:
+        return
+    layout = dset.id.get_create_plist().get_layout()
+    stored = dset.id.get_storage_size()
+    if layout == h5py.h5d.CONTIGUOUS:
+        if dset.id.get_offset() is None or stored < declared:
+            raise InputError(
+                f"{where} declares {declared:,} bytes but the file stores {stored:,} of them "
+                "(unwritten data); the file is incomplete or crafted"
+            )
+    elif layout == h5py.h5d.CHUNKED:
+        chunks = dset.chunks
+        expected = math.prod(-(-s // c) for s, c in zip(dset.shape, chunks, strict=True))
+        allocated = dset.id.get_num_chunks()
+        if allocated < expected:
+            raise InputError(
+                f"{where} declares {dset.shape[0]:,} rows in {expected:,} chunks but only "
+                f"{allocated:,} chunks are stored (the rest would be fill values); the file "
+                "is incomplete or crafted"
+            )
+        if declared > BOMB_MIN_BYTES and declared > MAX_RATIO * stored:
+            raise InputError(
+                f"{where} declares {declared:,} bytes stored in {stored:,} (compressed "
+                f"{declared / max(stored, 1):,.0f}:1, limit {MAX_RATIO}:1); trained weights "
+                "barely compress, so the file is crafted"
+            )
+
+
+def has_link(group: h5py.Group, name: str) -> bool:
+    """Whether ``group`` has a link ``name`` (of any kind), without following it."""
+    return "/" not in name and group.id.links.exists(name.encode("utf-8"))
+
+
 def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Dataset:
     """The filter dataset: ``name``, else 'filter' or 'filters' (METHOD §1)."""
-    names = [name] if name else [n for n in FILTER_NAMES if n in f]
-    if name and name not in f:
+    names = [name] if name else [n for n in FILTER_NAMES if has_link(f, n)]
+    if name and not has_link(f, name):
         raise InputError(f"{path!r} has no dataset {name!r} (it holds {sorted(f)!r})")
     if not names:
         raise InputError(
@@ -91,7 +200,7 @@ def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Datas
         raise InputError(
             f"{path!r} holds both 'filter' and 'filters'; choose one with --filters-name"
         )
-    dset = f[names[0]]
+    dset = node(f, names[0])
     if not isinstance(dset, h5py.Dataset):
         raise InputError(f"{path!r}: {names[0]!r} is a group, not a dataset")
     shape = dset.shape
@@ -116,23 +225,32 @@ def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Datas
             f"{path!r} is truncated: filter dataset {names[0]!r} needs bytes up to "
             f"{offset + need:,} but the file has {os.path.getsize(path):,}"
         )
+    check_storage(dset)
     return dset
 
 
 # ---------------------------------------------------------------------- attributes
-def _text(value) -> str:
-    if isinstance(value, bytes | np.bytes_):
-        return bytes(value).decode("utf-8")
-    if isinstance(value, np.ndarray) and value.dtype.kind == "S":
-        return value.tobytes().decode("utf-8")
-    return str(value)
+#: largest pickled attribute decoded (PyTables keeps column lists there)
+MAX_ATTR_PICKLE = 16 << 20
+#: largest meta node read into memory
+MAX_META_NODE = 256 << 20
 
 
-def _attr(obj, key: str, default=None, *, pickled: bool = False, where: str = ""):
-    """Read an attribute; ``pickled=True`` loads PyTables' pickled attributes safely."""
+def _attr(obj, key: str, default=None, *, pickled: bool = False):
+    """Read an attribute; PyTables' pickled attributes are decoded, never unpickled.
+
+    PyTables marks nothing: it unpickles every bytes attribute ending in '.', and so
+    do we with :func:`convert.safepickle.decode` (``pickled=True`` where the value is
+    always a pickle). Text that merely ends in '.' is kept as text when it cannot be
+    a pickle (one line of UTF-8); anything else that does not decode is refused.
+    """
     if key not in obj.attrs:
         return default
-    value = obj.attrs[key]
+    where = f"{_where(obj)} attribute {key!r}"
+    try:
+        value = obj.attrs[key]
+    except (OSError, TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"{where} cannot be read: {exc}") from None
     if isinstance(value, h5py.Empty):
         return default
     if isinstance(value, np.ndarray) and value.dtype.kind == "V":
@@ -141,28 +259,39 @@ def _attr(obj, key: str, default=None, *, pickled: bool = False, where: str = ""
         raw = bytes(value)
         if pickled or raw.endswith(b"."):
             try:
-                return safe_loads(raw, where=f"{where} attribute {key!r}")
+                return decode(raw, where=where, max_bytes=MAX_ATTR_PICKLE)
             except UnsafePickleError:
-                raise
-            except Exception:
-                if pickled:
-                    raise InputError(f"{where}: attribute {key!r} is not readable") from None
+                if pickled or not _plain_text(raw):
+                    raise
         return raw.decode("utf-8", errors="replace")
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
+def _plain_text(raw: bytes) -> bool:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return text.isprintable()
+
+
 # ----------------------------------------------------------------------------- meta
 def read_meta(f: h5py.File, path: str, key: str = "meta") -> pd.DataFrame:
-    """Rebuild the pandas DataFrame stored under ``key`` without unsafe unpickling."""
-    if key not in f:
+    """Rebuild the pandas DataFrame stored under ``key`` without unpickling anything.
+
+    Every node is reached through :func:`node` (no links, no external or virtual
+    data) and bounded by :func:`check_storage`; pickles go to
+    :func:`convert.safepickle.decode`.
+    """
+    if not has_link(f, key):
         raise InputError(f"{path!r} has no meta table '/{key}' (it holds {sorted(f)!r})")
-    g = f[key]
+    g = node(f, key)
     if not isinstance(g, h5py.Group):
         raise InputError(f"{path!r}: '/{key}' is not a pandas table")
     where = f"{path!r} /{key}"
-    kind = _attr(g, "pandas_type", where=where)
+    kind = _attr(g, "pandas_type")
     try:
         if kind == "frame":
             return _read_fixed_frame(g, where)
@@ -170,9 +299,17 @@ def read_meta(f: h5py.File, path: str, key: str = "meta") -> pd.DataFrame:
             return _read_table_frame(g, where)
     except (InputError, UnsafePickleError):
         raise
-    except (KeyError, ValueError, IndexError, TypeError, OSError) as exc:
+    except (KeyError, ValueError, IndexError, TypeError, OSError, RuntimeError) as exc:
         raise InputError(f"{where} is not a readable pandas table: {exc}") from None
     raise InputError(f"{where} is not a pandas DataFrame (pandas_type {kind!r})")
+
+
+def _dataset(g: h5py.Group, name: str) -> h5py.Dataset:
+    dset = node(g, name)
+    if not isinstance(dset, h5py.Dataset):
+        raise InputError(f"{_where(dset)} is a group where pandas keeps a dataset")
+    check_storage(dset, max_bytes=MAX_META_NODE)
+    return dset
 
 
 def _decode_strings(arr: np.ndarray) -> np.ndarray:
@@ -183,19 +320,20 @@ def _decode_strings(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _read_array(node: h5py.Dataset, where: str) -> np.ndarray:
+def _read_array(dset: h5py.Dataset) -> np.ndarray:
     """One fixed-format node: plain array, or pickled object array (VLArray)."""
-    cls = _attr(node, "CLASS")
-    if cls == "VLARRAY":
-        raw = node[0]
-        arr = safe_loads(np.asarray(raw).tobytes(), where=f"{where} node {node.name}")
+    if _attr(dset, "CLASS") == "VLARRAY":
+        if dset.shape[:1] == (0,):
+            raise InputError(f"{_where(dset)} holds no pickled array")
+        raw = np.asarray(dset[0]).tobytes()
+        arr = decode(raw, where=_where(dset))
         if not isinstance(arr, np.ndarray):
-            raise InputError(f"{where}: {node.name} does not hold an array")
+            raise InputError(f"{_where(dset)} does not hold an array")
         return arr
-    arr = node[()]
-    if node.id.get_type().get_class() == h5py.h5t.BITFIELD:
+    arr = dset[()]
+    if dset.id.get_type().get_class() == h5py.h5t.BITFIELD:
         arr = arr.astype(bool)  # PyTables stores numpy bools as 8-bit bitfields
-    kind = _attr(node, "kind")
+    kind = _attr(dset, "kind")
     if kind == "string" or arr.dtype.kind == "S":
         arr = _decode_strings(arr)
     return arr
@@ -207,19 +345,26 @@ def _index_from(g: h5py.Group, axis: str, where: str) -> pd.Index:
         nlev = int(_attr(g, f"{axis}_nlevels"))
         levels, codes, names = [], [], []
         for i in range(nlev):
-            lev = g[f"{axis}_level{i}"]
-            levels.append(_read_array(lev, where))
-            codes.append(g[f"{axis}_label{i}"][()])
-            names.append(_attr(lev, "name", where=where))
+            lev = _dataset(g, f"{axis}_level{i}")
+            levels.append(_read_array(lev))
+            codes.append(_dataset(g, f"{axis}_label{i}")[()])
+            names.append(_label(_attr(lev, "name"), lev))
         return pd.MultiIndex(levels=levels, codes=codes, names=names)
     if variety != "regular":
         raise InputError(f"{where}: unsupported index variety {variety!r}")
-    node = g[axis]
-    values = _read_array(node, where)
-    name = _attr(node, "name", where=where)
-    if _attr(node, "kind") == "datetime64":
+    dset = _dataset(g, axis)
+    values = _read_array(dset)
+    name = _label(_attr(dset, "name"), dset)
+    if _attr(dset, "kind") == "datetime64":
         values = values.astype("datetime64[ns]")
-    return pd.Index(values, name=name if isinstance(name, str) else None)
+    return pd.Index(values, name=name)
+
+
+def _label(value, obj):
+    """An index or column name: None, text or a number (a pickle may say anything)."""
+    if value is None or isinstance(value, str | int | float):
+        return value
+    raise InputError(f"{_where(obj)}: a name is {type(value).__name__}, not text or a number")
 
 
 def _read_fixed_frame(g: h5py.Group, where: str) -> pd.DataFrame:
@@ -229,14 +374,14 @@ def _read_fixed_frame(g: h5py.Group, where: str) -> pd.DataFrame:
     data: dict = {}
     for b in range(int(_attr(g, "nblocks", 0))):
         items = _index_from(g, f"block{b}_items", where)
-        node = g[f"block{b}_values"]
-        values = _read_array(node, where)
-        if _attr(node, "CLASS") == "VLARRAY":
+        dset = _dataset(g, f"block{b}_values")
+        values = _read_array(dset)
+        if _attr(dset, "CLASS") == "VLARRAY":
             values = values.T  # object blocks are stored items x rows
         values = np.asarray(values).reshape(n, len(items)) if values.size == n * len(
             items
         ) else values
-        if _attr(node, "value_type") == "datetime64":
+        if _attr(dset, "value_type") == "datetime64":
             values = values.astype("datetime64[ns]")
         for j, col in enumerate(items):
             data[col] = values[:, j]
@@ -248,36 +393,53 @@ def _read_fixed_frame(g: h5py.Group, where: str) -> pd.DataFrame:
     return df
 
 
+def _names(value, obj, what: str) -> list:
+    """A list of column names from a pickled attribute, checked."""
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, str | int | float) for v in value
+    ):
+        return list(value)
+    raise InputError(f"{_where(obj)}: {what} is not a list of names ({str(value)[:60]!r})")
+
+
 def _read_table_frame(g: h5py.Group, where: str) -> pd.DataFrame:
-    t = g["table"]
+    t = _dataset(g, "table")
     rows = t[()]
+    if rows.dtype.names is None:
+        raise InputError(f"{_where(t)} is not a table (no fields)")
     encoding = _attr(g, "encoding", "UTF-8") or "UTF-8"
-    nan_rep = _attr(g, "nan_rep", "nan", where=where)
-    non_index = _attr(g, "non_index_axes", [], pickled=True, where=where)
-    order = list(non_index[0][1]) if non_index else []
-    levels = _attr(g, "levels", None, where=where)
+    nan_rep = _attr(g, "nan_rep", "nan")
+    non_index = _attr(g, "non_index_axes", [], pickled=True)
+    if non_index and not (
+        isinstance(non_index, list) and isinstance(non_index[0], tuple) and len(non_index[0]) == 2
+    ):
+        raise InputError(f"{_where(g)}: non_index_axes is not [(axis, [names])]")
+    order = _names(non_index[0][1], g, "non_index_axes") if non_index else []
+    levels = _attr(g, "levels", None)
+    levels = _names(levels, g, "levels") if levels else None
     cols: dict = {}
     for field_name in rows.dtype.names:
         if field_name == "index":
             continue
-        meta_kind = _attr(t, f"{field_name}_meta", None, where=where)
+        meta_kind = _attr(t, f"{field_name}_meta", None)
         if meta_kind == "category":
             raise InputError(
                 f"{where}: categorical column {field_name!r} is not supported; "
                 "re-save the meta table with plain columns"
             )
-        names = _attr(t, f"{field_name}_kind", [field_name], pickled=True, where=where)
+        names = _names(_attr(t, f"{field_name}_kind", [field_name], pickled=True), t,
+                       f"{field_name}_kind")
         values = rows[field_name]
         if values.ndim == 1:
             values = values[:, None]
-        col_nan = _attr(t, f"{field_name}_nan_rep", nan_rep, where=where)
+        col_nan = _attr(t, f"{field_name}_nan_rep", nan_rep)
         for j, name in enumerate(names):
             v = values[:, j]
             if v.dtype.kind == "S":
                 dec = np.array([s.decode(encoding) for s in v], dtype=object)
                 dec[dec == col_nan] = np.nan
                 v = dec
-            dtype = _attr(t, f"{field_name}_dtype", None, where=where)
+            dtype = _attr(t, f"{field_name}_dtype", None)
             if dtype == "bool":
                 v = v.astype(bool)
             elif isinstance(dtype, str) and dtype.startswith("datetime64"):
@@ -287,7 +449,7 @@ def _read_table_frame(g: h5py.Group, where: str) -> pd.DataFrame:
     if order:
         df = df[[c for c in order if c in df.columns] + [c for c in df if c not in order]]
     if levels:
-        df = df.set_index(list(levels))
+        df = df.set_index(levels)
     elif "index" in rows.dtype.names:
         idx = rows["index"]
         if idx.dtype.kind == "S":
@@ -434,6 +596,6 @@ def read_source(path: str, *, name: str | None = None) -> Source:
 def read_rows(path: str, name: str, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` of the filter dataset as an (n, 9) array."""
     with h5py.File(path, "r", locking=False) as f:
-        d = f[name]
+        d = node(f, name)  # re-checked: the file may have changed since read_source
         out = d[start:stop]
     return out.reshape(stop - start, 9)
