@@ -83,7 +83,8 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
         warnings.simplefilter("ignore")
         meta.to_hdf(p, key="meta", format="fixed", mode="a")
     assert not marker.exists()
-    with pytest.raises(UnsafePickleError, match=r"/meta/block\d_values: the stored pickle names (io|builtins)\.open"):
+    with pytest.raises(UnsafePickleError,
+                       match=r"/meta/block\d_values: the stored pickle names (io|builtins)\.open"):
         read_source(p)
     assert not marker.exists()
     # the file really is hostile: pandas itself runs the payload
@@ -102,7 +103,8 @@ def test_crafted_pytables_attribute_pickle_is_refused(tmp_path):
     payload = b"cos\nsystem\n(S'touch " + str(tmp_path / "x").encode() + b"'\ntR."
     with h5py.File(p, "a") as f:
         f["meta"].attrs["non_index_axes"] = np.bytes_(payload)
-    with pytest.raises(UnsafePickleError, match="/meta attribute 'non_index_axes': .* names os.system"):
+    with pytest.raises(UnsafePickleError,
+                       match="/meta attribute 'non_index_axes': .* names os.system"):
         read_source(p)
     assert not (tmp_path / "x").exists()
 
