@@ -2,13 +2,17 @@
 
 Used by the synthetic generator and by model ingest. Writing goes to a temporary
 file beside the target, renamed into place only when complete, so a killed run
-never leaves a file that looks finished.
+never leaves a file that looks finished. pandas/PyTables only ever open files made
+here a moment before (PyTables unpickles the attributes of what it opens);
+:func:`write_meta` puts a table into any other file with h5py.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -26,8 +30,12 @@ FILTER_LAYOUTS = {
 }
 
 
-def write_meta(path: str, meta: pd.DataFrame, *, meta_format: str = "fixed") -> None:
-    """Append ``meta`` under ``/meta`` with ``pandas.HDFStore`` (fixed or table)."""
+def _put_meta(path: str, meta: pd.DataFrame, meta_format: str) -> None:
+    """``pandas.HDFStore.put`` into ``path``: only ever a file this process just created.
+
+    PyTables unpickles attributes of the files it opens, so it never opens a file
+    that came from elsewhere (see :func:`write_meta`).
+    """
     if meta_format not in ("fixed", "table"):
         raise ValueError(f"meta_format {meta_format!r} is not 'fixed' or 'table'")
     with warnings.catch_warnings():
@@ -35,6 +43,32 @@ def write_meta(path: str, meta: pd.DataFrame, *, meta_format: str = "fixed") -> 
         warnings.simplefilter("ignore")
         with pd.HDFStore(path, mode="a") as store:
             store.put("meta", meta, format=meta_format, track_times=False)
+
+
+def write_meta(target: h5py.Group, meta: pd.DataFrame, *, meta_format: str = "fixed") -> None:
+    """Write ``meta`` as ``target['meta']`` in the layout ``pandas.read_hdf`` reads.
+
+    ``target`` is an open h5py file (or group), typically one that was not made
+    here: pandas writes the table into a new scratch file in a private folder and
+    h5py copies the ``/meta`` group across, so neither pandas nor PyTables ever
+    opens ``target``'s file. An existing ``meta`` is replaced.
+
+    Parameters
+    ----------
+    target : open, writable h5py group.
+    meta : the DataFrame (plain data: str, numbers, None/NaN).
+    meta_format : 'fixed' or 'table'.
+    """
+    folder = tempfile.mkdtemp(prefix="filterdb-meta-")
+    try:
+        scratch = os.path.join(folder, "meta.h5")
+        _put_meta(scratch, meta, meta_format)
+        with h5py.File(scratch, "r") as src:
+            if "meta" in target:
+                del target["meta"]
+            target.copy(src["meta"], "meta")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_dataset(
@@ -78,7 +112,7 @@ def write_dataset(
             if done != n_filters:
                 raise ValueError(f"pieces hold {done} filters, {n_filters} were announced")
         t0 = int(time.time())
-        write_meta(tmp, meta, meta_format=meta_format)
+        _put_meta(tmp, meta, meta_format)  # tmp was created just above
         _clear_object_times(tmp, name, t0 - 2, int(time.time()) + 2)
         os.replace(tmp, path)
     except BaseException:

@@ -10,6 +10,7 @@ A model without 3x3 kernels is skipped with a warning: it has no rows to add.
 
 from __future__ import annotations
 
+import datetime
 import os
 import warnings
 from dataclasses import dataclass
@@ -114,24 +115,51 @@ def load_side_info(path: str | None) -> dict[str, dict]:
     """Per-model descriptive fields from a CSV or YAML file keyed by file name.
 
     CSV: a column ``model`` (file name) and columns such as ``Task``,
-    ``Visual Category``, ``Training-Dataset``. YAML: ``{file name: {field: value}}``.
+    ``Visual Category``, ``Training-Dataset``. YAML: ``{file name: {field: value}}``,
+    read with ``yaml.safe_load`` (no Python tags). Values must be plain scalars.
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable or malformed file, or a value that is not a scalar.
     """
     if not path:
         return {}
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise InputError(f"meta file {path!r} does not exist")
     if path.lower().endswith((".yaml", ".yml")):
         import yaml
 
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"meta file {path!r} is not readable YAML: {first}") from None
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise InputError(f"meta file {path!r} must map model file names to fields")
-        return {os.path.basename(str(k)): v for k, v in data.items()}
-    df = pd.read_csv(path)
-    if "model" not in df.columns:
-        raise InputError(f"meta file {path!r} needs a 'model' column (file names)")
-    return {os.path.basename(str(r.pop("model"))): r for r in df.to_dict("records")}
+        table = {os.path.basename(str(k)): v for k, v in data.items()}
+    else:
+        try:
+            df = pd.read_csv(path)
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"meta file {path!r} is not readable CSV: {first}") from None
+        if "model" not in df.columns:
+            raise InputError(f"meta file {path!r} needs a 'model' column (file names)")
+        table = {os.path.basename(str(r.pop("model"))): r for r in df.to_dict("records")}
+    for model, fields in table.items():
+        for key, value in list(fields.items()):
+            if isinstance(value, datetime.date):  # YAML reads 2022-06-01 as a date
+                fields[key] = value = value.isoformat()
+            if not isinstance(key, str) or not (
+                value is None or isinstance(value, str | int | float | bool)
+            ):
+                raise InputError(
+                    f"meta file {path!r}: field {str(key)[:40]!r} of {model[:60]!r} is "
+                    f"{type(value).__name__}; fields are text or numbers"
+                )
+    return table
 
 
 def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tuple:
@@ -181,11 +209,14 @@ def _existing(into: str):
         return st.meta.drop(columns=["start", "stop", "chunk"]), st.n_filters, "store"
     if not os.path.exists(into):
         return None, 0, "new-h5"
-    from .read import find_filters, open_h5, read_meta
+    from .read import check_attribute_pickles, find_filters, open_h5, read_meta
 
     with open_h5(into) as f:
         dset = find_filters(f, into)
-        return read_meta(f, into), dset.shape[0], "h5"
+        meta = read_meta(f, into)
+        # the file is extended, not rewritten: refuse one that would run code in pandas
+        check_attribute_pickles(f, into)
+        return meta, dset.shape[0], "h5"
 
 
 def ingest(
@@ -270,35 +301,35 @@ def _combined_meta(meta, new: pd.DataFrame) -> pd.DataFrame:
 
 
 def _append_h5(path: str, meta, new: pd.DataFrame, x: np.ndarray) -> None:
+    """Create or extend an ingest ``.h5`` with h5py only (never pandas/PyTables on it)."""
     from .h5write import write_meta
+    from .read import find_filters, meta_format
 
     if meta is None:
         tmp = f"{path}.tmp-{os.getpid()}"
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("filter", data=x.astype(np.float32), maxshape=(None, 9),
-                             chunks=(min(len(x), 1 << 16), 9))
-        write_meta(tmp, _combined_meta(None, new), meta_format="table")
-        os.replace(tmp, path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("filter", data=x.astype(np.float32), maxshape=(None, 9),
+                                 chunks=(min(len(x), 1 << 16), 9))
+                write_meta(f, _combined_meta(None, new), meta_format="table")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return
-    with h5py.File(path, "a") as f:
-        from .read import find_filters
-
+    with h5py.File(path, "a", locking=False) as f:
         d = find_filters(f, path)
         if d.maxshape[0] is not None:
             raise InputError(
                 f"the filter dataset of {path!r} cannot grow (it was written contiguous, like "
                 "the published file); ingest into a new .h5 file or into a converted store"
             )
+        fmt = meta_format(f, path)
         n0 = d.shape[0]
         d.resize(n0 + len(x), axis=0)
         d[n0:] = x.astype(d.dtype).reshape(len(x), *d.shape[1:])
-    with h5py.File(path, "r") as f:
-        fmt = "table" if f["meta"].attrs.get("pandas_type", b"") in (b"frame_table",
-                                                                      "frame_table") else "fixed"
-    combined = _combined_meta(meta, new)
-    with h5py.File(path, "a") as f:
-        del f["meta"]
-    write_meta(path, combined, meta_format=fmt)
+        write_meta(f, _combined_meta(meta, new), meta_format=fmt)
 
 
 def _append_store(path: str, meta, new: pd.DataFrame, x: np.ndarray, kind: str) -> None:

@@ -269,6 +269,38 @@ def _attr(obj, key: str, default=None, *, pickled: bool = False):
     return value
 
 
+def meta_format(f: h5py.File, path: str, key: str = "meta") -> str:
+    """'fixed' or 'table': how pandas stored ``/key``."""
+    kind = _attr(node(f, key), "pandas_type")
+    if kind not in ("frame", "frame_table"):
+        raise InputError(f"{path!r} /{key} is not a pandas DataFrame (pandas_type {kind!r})")
+    return "table" if kind == "frame_table" else "fixed"
+
+
+#: most objects whose attributes :func:`check_attribute_pickles` reads
+MAX_SCANNED_OBJECTS = 1 << 20
+
+
+def check_attribute_pickles(f: h5py.File, path: str) -> None:
+    """Refuse a file whose attributes hold a pickle PyTables would run on opening.
+
+    PyTables unpickles every bytes attribute ending in '.' of the nodes it touches;
+    each such attribute of every object in the file must decode as plain data.
+
+    Raises
+    ------
+    UnsafePickleError, InputError
+    """
+    objs = [f]
+    f.visititems(lambda _name, obj: objs.append(obj) if len(objs) <= MAX_SCANNED_OBJECTS
+                 else True)
+    if len(objs) > MAX_SCANNED_OBJECTS:
+        raise InputError(f"{path!r} holds more than {MAX_SCANNED_OBJECTS:,} objects")
+    for obj in objs:
+        for key in obj.attrs:
+            _attr(obj, key)
+
+
 def _plain_text(raw: bytes) -> bool:
     try:
         text = raw.decode("utf-8")

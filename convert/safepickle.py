@@ -11,12 +11,15 @@ anything the pickle names. It walks the opcodes (:func:`pickletools.genops`) on 
 small stack machine that knows only these values:
 
 * plain scalars: None, bool, int (64-bit), float, str, bytes;
-* lists and tuples of those, nested at most :data:`MAX_DEPTH` deep, never cyclic;
+* lists, tuples and dicts (keys: scalars) of those, nested at most :data:`MAX_DEPTH`
+  deep, never cyclic (PyTables keeps pandas' ``info`` dict as a pickle);
 * one numpy object array, in exactly the shape numpy pickles it
   (``_reconstruct(ndarray, (0,), b'b')`` + BUILD ``(1, shape, dtype('O8'), fortran,
   [elements])``), the dtype rebuilt from its name with the exact state numpy writes;
 * numpy numeric scalars (``scalar(dtype('f8'), 8 bytes)``) of a handful of dtypes;
-* protocol 0-2 bytes spelled ``_codecs.encode(str, 'latin1')``.
+* protocol 0-2 bytes spelled ``_codecs.encode(str, 'latin1')``;
+* PyTables' ``tables.filters.Filters`` attribute (index groups), decoded to its
+  state dict of plain settings.
 
 ``numpy.core`` and ``numpy._core`` (numpy 1.x / 2.x) spellings are both read.
 Every numpy object is built here from checked plain values (``np.empty(n,
@@ -72,7 +75,17 @@ class _ArrayStub:
         self.array: np.ndarray | None = None
 
 
-_SPECIAL = (_Global, _DTypeStub, _ArrayStub)
+class _FiltersStub:
+    """``copyreg._reconstructor(tables.filters.Filters, object, None)`` awaiting its state."""
+
+    def __init__(self):
+        self.state: dict | None = None
+
+
+_SPECIAL = (_Global, _DTypeStub, _ArrayStub, _FiltersStub)
+_FILTERS_KEYS = frozenset({"complevel", "complib", "shuffle", "bitshuffle", "fletcher32",
+                           "least_significant_digit"})
+_KEY_TYPES = (str, int, float, bytes, type(None))
 
 
 def _global(module: str, name: str) -> _Global:
@@ -86,6 +99,12 @@ def _global(module: str, name: str) -> _Global:
         return _Global("dtype")
     if (module, name) == ("_codecs", "encode"):
         return _Global("encode")
+    if module in ("copy_reg", "copyreg") and name == "_reconstructor":
+        return _Global("reconstructor")
+    if (module, name) == ("tables.filters", "Filters"):
+        return _Global("filters")
+    if module in ("__builtin__", "builtins") and name == "object":
+        return _Global("object")
     raise _Refused(f"names {module}.{name}")
 
 
@@ -116,7 +135,7 @@ class _Machine:
             raise _Refused(f"makes more than {MAX_ITEMS:,} objects")
 
     def _depth_of(self, v) -> int:
-        if isinstance(v, list | tuple):
+        if isinstance(v, list | tuple | dict):
             return self.depth.get(id(v), 1)
         return 0
 
@@ -124,7 +143,7 @@ class _Machine:
         """Record that ``child`` now sits inside ``parent`` (depth, freezing)."""
         if child is parent:
             raise _Refused("puts a list inside itself")
-        if isinstance(child, list | tuple):
+        if isinstance(child, list | tuple | dict):
             self.frozen.add(id(child))
         d = self._depth_of(child) + 1
         if d > self.depth.get(id(parent), 1):
@@ -161,6 +180,20 @@ class _Machine:
             self._adopt(target, v)
         self._count(len(values))
         target.extend(values)
+
+    def _setitems(self, target, values: list) -> None:
+        if not isinstance(target, dict):
+            raise _Refused("sets items of something that is not a dict")
+        if id(target) in self.frozen:
+            raise _Refused("sets items of a dict after it was placed in another")
+        if len(values) % 2:
+            raise _Refused("sets a key without a value")
+        for key, value in zip(values[::2], values[1::2], strict=True):
+            if not isinstance(key, _KEY_TYPES) or self.special(value):
+                raise _Refused("puts something other than plain data in a dict")
+            self._adopt(target, value)
+            target[key] = value
+        self._count(len(values) // 2)
 
     def _pop_mark(self) -> list:
         if not self.marks:
@@ -211,13 +244,25 @@ class _Machine:
                     and type(args[1]) is bytes and len(args[1]) == args[0].dtype.itemsize):
                 return np.frombuffer(args[1], dtype=args[0].dtype)[0]
             raise _Refused("calls numpy's scalar other than on a number dtype and its bytes")
-        raise _Refused("calls numpy.ndarray directly")
+        if fn.kind == "reconstructor":
+            if (len(args) == 3 and isinstance(args[0], _Global) and args[0].kind == "filters"
+                    and isinstance(args[1], _Global) and args[1].kind == "object"
+                    and args[2] is None):
+                return _FiltersStub()
+            raise _Refused("calls copyreg._reconstructor other than for tables' Filters")
+        raise _Refused(f"calls {fn.kind} directly")
 
     def _build(self, obj, state) -> None:
         if isinstance(obj, _DTypeStub) and obj.dtype is None:
             self._build_dtype(obj, state)
         elif isinstance(obj, _ArrayStub) and obj.array is None:
             self._build_array(obj, state)
+        elif isinstance(obj, _FiltersStub) and obj.state is None:
+            if not (isinstance(state, dict) and set(state) <= _FILTERS_KEYS
+                    and all(v is None or isinstance(v, str | int | float)
+                            for v in state.values())):
+                raise _Refused("gives tables' Filters a state other than its settings")
+            obj.state = dict(state)
         else:
             raise _Refused("sets the state of something other than a new dtype or array")
 
@@ -310,6 +355,21 @@ class _Machine:
                 if not self.stack:
                     raise _Refused("appends to nothing")
                 self._append(self.stack[-1], values)
+            elif name == "EMPTY_DICT":
+                push(self._new_container({}))
+            elif name == "DICT":
+                d = self._new_container({})
+                self._setitems(d, self._pop_mark())
+                push(d)
+            elif name in ("SETITEM", "SETITEMS"):
+                if name == "SETITEMS":
+                    values = self._pop_mark()
+                else:
+                    value = self._pop()
+                    values = [self._pop(), value]
+                if not self.stack:
+                    raise _Refused("sets items of nothing")
+                self._setitems(self.stack[-1], values)
             elif name == "EMPTY_TUPLE":
                 push(self._tuple([]))
             elif name == "TUPLE":
@@ -357,6 +417,8 @@ def _finish(machine: _Machine, value):
         if value.array is None:
             raise _Refused("leaves an array without its data")
         return value.array
+    if isinstance(value, _FiltersStub) and value.state is not None:
+        return value.state
     if machine.special(value):
         raise _Refused("ends on a numpy object that is not an array")
     return value
