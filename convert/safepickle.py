@@ -39,7 +39,8 @@ from filterdb_dask.errors import UnsafePickleError
 
 #: largest pickle decoded (bytes); pandas' object blocks of the published meta are far smaller
 MAX_BYTES = 256 << 20
-#: most objects one pickle may create (strings, numbers, containers, array elements)
+#: most objects one pickle may create (strings, numbers, containers, memo entries,
+#: array elements); a decoded pickle takes at most about 100 bytes per item
 MAX_ITEMS = 1 << 24
 #: deepest nesting of lists/tuples (an object array of lists of str is 3 deep)
 MAX_DEPTH = 8
@@ -382,8 +383,7 @@ class _Machine:
                 if not self.stack:
                     raise _Refused("memoizes from an empty stack")
                 key = len(self.memo) if name == "MEMOIZE" else arg
-                if len(self.memo) >= MAX_ITEMS:
-                    raise _Refused("memoizes too many objects")
+                self._count()  # a memo entry costs memory like an object
                 self.memo[key] = self.stack[-1]
             elif name in ("GET", "BINGET", "LONG_BINGET"):
                 if arg not in self.memo:
