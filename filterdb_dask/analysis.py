@@ -82,7 +82,16 @@ class Results:
     def ridge(self, slug: str) -> dict:
         """Binned-KDE densities per group and component for one grouping.
 
-        Returns dict with ``x`` (F,), ``density`` (G, 9, F), ``bandwidth`` (G, 9).
+        The bandwidth is KDEpy's Silverman rule (:func:`kernels.silverman_bandwidth`)
+        with the group's exact count and standard deviation (``ddof=1``, from the
+        pass-1 moments: ``components[k] @ cov_g @ components[k]``) and with the
+        quartiles and the 1 and 99 % percentiles estimated from the fine histogram
+        (each off by less than one fine bin; two percentiles in the same fine bin
+        count as equal, as a point mass such as all-zero filters makes them; see
+        ``docs/method.md``).
+
+        Returns dict with ``x`` (F,), ``density`` (G, 9, F), ``bandwidth`` (G, 9),
+        ``labels``.
         """
         g = next(gr for gr in self.groupings if gr.slug == slug)
         counts = self.fine_hist[slug]
@@ -97,11 +106,13 @@ class Results:
                 c = counts[gi, k]
                 if c.sum() == 0:
                     continue
-                std = float(np.sqrt(max(comps[k] @ covs[gi] @ comps[k], 0.0))) if n[gi] > 1 \
-                    else 0.0
-                cdf = np.cumsum(c) / c.sum()
-                q1, q3 = np.interp([0.25, 0.75], cdf, centres)
-                bw[gi, k] = kernels.silverman_bandwidth(std, q3 - q1, c.sum())
+                var = comps[k] @ covs[gi] @ comps[k] if n[gi] > 1 else 0.0
+                std = float(np.sqrt(max(var, 0.0)))
+                p = kernels.histogram_percentiles(c, edges, [1, 25, 75, 99])
+                b = np.minimum(((p - edges[0]) // (edges[1] - edges[0])), len(c) - 1)
+                iqr = 0.0 if b[1] == b[2] else p[2] - p[1]
+                inner = 0.0 if b[0] == b[3] else p[3] - p[0]
+                bw[gi, k] = kernels.silverman_bandwidth(std, iqr, n[gi], inner_range=inner)
                 dens[gi, k] = kernels.binned_kde(c, edges, bw[gi, k])
         return {"x": centres, "density": dens, "bandwidth": bw, "labels": g.labels}
 

@@ -13,15 +13,33 @@ import html
 import io
 import json
 import os
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 
+from . import kernels, progress
 from .errors import AnalysisError
 from .groups import slugify
 
 SORT_BY_MEAN = ("task", "visual_category")
-MAX_HEATMAP_LABELS = 60
+#: heat maps label every group up to this many; beyond, every k-th (full labels in the CSV)
+MAX_HEATMAP_LABELS = 120
+#: characters a label keeps in a figure (data files keep the whole label)
+LABEL_WIDTH = 28
+#: resolution of the PNGs, and the most pixels a PNG may have on either side
+DPI = 110
+MAX_SIDE_PX = 2400
+#: the largest figure side in inches before saving (labels are shortened first)
+MAX_FIG_INCHES = 18.0
+#: vertical extent of a ridge curve's highest point, in rows (curves overlap the row above)
+RIDGE_OVERLAP = 1.5
+#: density image lower limit (METHOD: log colour scale from 1e-5)
+DENSITY_VMIN = 1e-5
+
+#: when the report build started (for the progress lines)
+_t0 = time.monotonic()
 
 
 def _plt():
@@ -38,42 +56,204 @@ def _plt():
 
 
 def _save(fig, plots: dict, name: str, outdir: str) -> None:
+    """Write ``outdir/name.png`` and keep it base64 for the page; one progress line.
+
+    The resolution drops where a figure would exceed ``MAX_SIDE_PX`` on a side, so
+    no label, however long, can make a huge image.
+    """
     plt = _plt()
+    bbox = fig.get_tightbbox()
+    side = max(bbox.width, bbox.height, 1e-3)
+    dpi = min(DPI, MAX_SIDE_PX / side)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     data = buf.getvalue()
     with open(os.path.join(outdir, f"{name}.png"), "wb") as fh:
         fh.write(data)
     plots[name] = base64.b64encode(data).decode("ascii")
+    if progress.VERBOSITY > 0:
+        sys.stderr.write(f"report: plots/{name}.png ({len(plots)} figures, "
+                         f"{time.monotonic() - _t0:.1f}s)\n")
+        sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------- labels
+def short_label(text, width: int = LABEL_WIDTH) -> str:
+    """One line of at most ``width`` characters: head and tail kept, ``…`` between."""
+    t = " ".join(str(text).split())
+    if len(t) <= width:
+        return t
+    tail = (width - 1) // 3
+    return t[: width - 1 - tail] + "…" + t[len(t) - tail:]
+
+
+def short_labels(labels, width: int = LABEL_WIDTH) -> list[str]:
+    """:func:`short_label` of each; labels that would read alike get ``#i`` appended."""
+    out = [short_label(v, width) for v in labels]
+    seen: dict[str, int] = {}
+    for v in out:
+        seen[v] = seen.get(v, 0) + 1
+    return [f"{v} #{i}" if seen[v] > 1 else v for i, v in enumerate(out)]
+
+
+def cell_text(v: float) -> str:
+    """Two decimals; a value that rounds to zero reads ``0.00``, never ``-0.00``."""
+    t = f"{v:.2f}"
+    return "0.00" if float(t) == 0 else t
+
+
+def _annotate(ax, im, m: np.ndarray) -> None:
+    """Cell values in black on light cells and white on dark ones."""
+    n0, n1 = m.shape
+    fs = 7 if max(n0, n1) <= 9 else 6
+    for i in range(n0):
+        for j in range(n1):
+            r, g, b, _ = im.cmap(im.norm(m[i, j]))
+            dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5
+            ax.text(j, i, cell_text(m[i, j]), ha="center", va="center", fontsize=fs,
+                    color="white" if dark else "black")
+
+
+# ---------------------------------------------------------------------- plotted arrays
+def covariance_matrix(pca: dict) -> np.ndarray:
+    """Σ of the scaled filters, (9, 9): ``componentsᵀ · diag(explained_variance) · components``.
+
+    This is scikit-learn's ``PCA.get_covariance()`` for a full-rank PCA (no noise
+    term), i.e. the n−1 covariance of pass 1 recovered from its eigendecomposition.
+    """
+    c = np.asarray(pca["components"], dtype=np.float64)
+    v = np.asarray(pca["explained_variance"], dtype=np.float64)
+    return c.T @ (v[:, None] * c)
+
+
+def cumulative_ratio(ratio) -> np.ndarray:
+    """Cumulative explained variance ratio, (9,)."""
+    return np.cumsum(np.asarray(ratio, dtype=np.float64))
+
+
+def aligned_components(components, reference) -> tuple[np.ndarray, np.ndarray]:
+    """Subset components with each sign set to agree with its closest global component.
+
+    A component's sign is arbitrary; for display each subset component is flipped
+    when its dot product with the global component of largest ``|cosine|`` is
+    negative.
+
+    Returns
+    -------
+    ``(aligned (9, 9), flipped (9,) bool)``.
+    """
+    c = np.asarray(components, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    dots = c @ r.T
+    closest = np.abs(dots).argmax(axis=1)
+    flipped = dots[np.arange(len(c)), closest] < 0
+    return np.where(flipped[:, None], -c, c), flipped
+
+
+def eigenimage_rows(pca: dict, subsets: dict) -> tuple[dict[str, np.ndarray], int]:
+    """Rows of the eigenimage figure: global components, then each subset aligned.
+
+    Returns the rows (name -> (9, 9)) and the number of subset components flipped.
+    """
+    ref = np.asarray(pca["components"], dtype=np.float64)
+    rows = {"all filters": ref}
+    n_flipped = 0
+    for name, sp in subsets.items():
+        c = np.asarray(sp["components"], dtype=float)
+        if np.all(np.isfinite(c)):
+            rows[str(name).split("=", 1)[-1]], flipped = aligned_components(c, ref)
+            n_flipped += int(flipped.sum())
+    return rows, n_flipped
+
+
+def density_image(counts: np.ndarray) -> np.ndarray:
+    """The array the notebook hands to ``imshow``: ``H.T / H.max()``.
+
+    ``counts[i, j]`` counts coefficient 0 in bin i and coefficient 1 in bin j, so
+    rows of the image are coefficient 1 (growing downwards with the upper origin).
+    """
+    h = np.asarray(counts, dtype=np.float64)
+    peak = h.max() if h.size else 0.0
+    return h.T / peak if peak > 0 else np.zeros_like(h.T)
+
+
+def ridge_heights(density: np.ndarray) -> np.ndarray:
+    """Ridge curves as drawn, (G, 9, F): each divided by the largest in its column."""
+    d = np.asarray(density, dtype=np.float64)
+    peak = d.max(axis=(0, 2), keepdims=True)
+    return np.divide(d, peak, out=np.zeros_like(d), where=peak > 0)
+
+
+def fire_cmap():
+    """colorcet's ``fire`` with empty (masked) and below-range cells in its lowest colour."""
+    try:
+        import colorcet
+    except ImportError:
+        raise AnalysisError(
+            "the report needs colorcet: pip install 'filterdb-dask[plot]'"
+        ) from None
+    cmap = colorcet.cm.fire.copy()
+    cmap.set_bad(cmap(0.0))
+    cmap.set_under(cmap(0.0))
+    return cmap
+
+
+def entropy_note(sizes=(2, 3, 4, 5, 6)) -> str:
+    """Why normalised variance entropy exceeds 1 for tiny layers, with T(n) values."""
+    parts = []
+    for n in sizes:
+        t = float(kernels.entropy_norm(n))
+        top = float(np.log10(min(n - 1, 9))) if n > 1 else 0.0
+        parts.append(f"n={n}: T={t:.3f}, largest entropy {top:.3f}"
+                     + (f" ({top / t:.2f}×T)" if t > 0 else ""))
+    return (
+        "Normalised variance entropy is the layer's entropy divided by T(n), the paper's "
+        "logistic fit over layer sizes, not by the largest entropy n filters can have. "
+        "n filters centred on their mean span at most n−1 directions, so their entropy "
+        "can reach log10(min(n−1, 9)); for small layers the fit lies far below that ("
+        + "; ".join(parts) + "). A layer of 3–6 filters whose variance is spread over its "
+        "few directions therefore scores above 1 (up to 2.4 for n = 3): it is not "
+        "degenerated, and such values are not an error. T(2) is negative, and two filters "
+        "have one direction (entropy 0)."
+    )
 
 
 # ---------------------------------------------------------------------- figures
+def _fig_size(w: float, h: float) -> tuple[float, float]:
+    return min(w, MAX_FIG_INCHES), min(h, MAX_FIG_INCHES)
+
+
 def fig_explained_variance(pca: dict, subsets: dict):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     k = np.arange(1, 10)
-    ax.plot(k, np.cumsum(pca["explained_variance_ratio"]), "o-", lw=2.5, color="k",
+    ax.plot(k, cumulative_ratio(pca["explained_variance_ratio"]), "o-", lw=2.5, color="k",
             label="all filters")
     for name, sp in subsets.items():
         r = np.asarray(sp["explained_variance_ratio"], dtype=float)
         if np.all(np.isfinite(r)):
-            ax.plot(k, np.cumsum(r), ".-", alpha=0.8, label=name.split("=", 1)[-1])
+            ax.plot(k, cumulative_ratio(r), ".-", alpha=0.8,
+                    label=short_label(str(name).split("=", 1)[-1]))
     ax.set_xlabel("number of components")
     ax.set_ylabel("cumulative explained variance ratio")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(k)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    n = len(ax.get_lines())
+    if n <= 30:
+        ax.legend(fontsize=7, ncol=1 if n <= 10 else 2)
     return fig
 
 
 def fig_eigenimages(rows: dict[str, np.ndarray]):
     plt = _plt()
-    fig, axes = plt.subplots(len(rows), 9, figsize=(9, 1.15 * len(rows) + 0.4),
-                             squeeze=False)
+    n = len(rows)
+    fig, axes = plt.subplots(n, 9, figsize=_fig_size(9, 1.0 * n + 0.6), squeeze=False,
+                             layout="constrained")
     im = None
-    for r, (name, comps) in enumerate(rows.items()):
+    names = short_labels(rows)
+    for r, comps in enumerate(rows.values()):
         for k in range(9):
             ax = axes[r, k]
             im = ax.imshow(np.asarray(comps[k]).reshape(3, 3), cmap="RdBu_r", vmin=-1, vmax=1)
@@ -81,56 +261,74 @@ def fig_eigenimages(rows: dict[str, np.ndarray]):
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"c{k}", fontsize=8)
-        axes[r, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+        axes[r, 0].set_ylabel(names[r], fontsize=7, rotation=0, ha="right", va="center")
     fig.colorbar(im, ax=axes, shrink=0.6, label="weight")
     return fig
 
 
+def fig_covariance(sigma: np.ndarray):
+    """Σ of the scaled filters (9×9), symmetric diverging scale, every cell annotated."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 4.8), layout="constrained")
+    top = float(np.abs(sigma).max()) or 1.0
+    im = ax.imshow(sigma, cmap="RdBu_r", vmin=-top, vmax=top)
+    ax.set_xticks(range(9), [f"x{k}" for k in range(9)], fontsize=7)
+    ax.set_yticks(range(9), [f"x{k}" for k in range(9)], fontsize=7)
+    _annotate(ax, im, sigma)
+    ax.set_title("covariance Σ of the scaled filters")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
 def fig_matrix(m: np.ndarray, labels, title: str, *, cmap="viridis", annotate=False):
+    """A heat map of a group × group matrix, groups named by shortened labels."""
     plt = _plt()
     n = len(labels)
-    size = min(max(4.0, 0.32 * n + 2), 16)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    size = min(max(4.0, 0.16 * n + 3), 16)
+    fig, ax = plt.subplots(figsize=_fig_size(size, size * 0.85), layout="constrained")
     im = ax.imshow(m, cmap=cmap)
-    if n <= MAX_HEATMAP_LABELS:
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-        ax.set_yticklabels(labels, fontsize=7)
+    names = short_labels(labels, 20 if n > 30 else LABEL_WIDTH)
+    step = max(1, -(-n // MAX_HEATMAP_LABELS))
+    ticks = list(range(0, n, step))
+    fs = 7 if n <= 30 else max(3.5, min(6.0, 350 / n))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=fs)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=fs)
     if annotate and n <= 12:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="w")
-    ax.set_title(title)
+        _annotate(ax, im, m)
+    ax.set_title(short_label(title, 60))
     fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
 
 
 def fig_ridge(x, dens, labels, title):
+    """One panel per component; groups are rows, curves scaled by :func:`ridge_heights`."""
     plt = _plt()
     g = len(labels)
-    fig, axes = plt.subplots(g, 9, figsize=(13, 0.45 * g + 1.2), sharex="col", squeeze=False)
-    for k in range(9):
-        peak = dens[:, k].max() or 1.0
-        for i in range(g):
-            ax = axes[i, k]
-            ax.fill_between(x, dens[i, k] / peak, color=f"C{i % 10}", alpha=0.75, lw=0)
-            ax.set_ylim(0, 1.05)
-            ax.set_yticks([])
-            for side in ("top", "right", "left"):
-                ax.spines[side].set_visible(False)
-            if k == 0:
-                ax.set_ylabel(labels[i], rotation=0, ha="right", va="center", fontsize=7)
-        axes[0, k].set_title(f"coefficient {k}", fontsize=8)
-    fig.suptitle(title)
-    fig.subplots_adjust(hspace=-0.2)
+    h = ridge_heights(dens)
+    names = short_labels(labels)
+    fig, axes = plt.subplots(1, 9, figsize=_fig_size(14, 0.38 * g + 1.4), sharex=True,
+                             sharey=True, layout="constrained")
+    offsets = np.arange(g)[::-1].astype(float)  # first group on top
+    for k, ax in enumerate(axes):
+        for i in range(g):  # lower rows drawn later, over the tails of the rows above
+            y0 = offsets[i]
+            top = y0 + RIDGE_OVERLAP * h[i, k]
+            ax.fill_between(x, y0, top, color=f"C{i % 10}", alpha=0.8, lw=0, zorder=2 * i)
+            ax.plot(x, top, color="white", lw=0.5, zorder=2 * i + 1)
+        ax.set_title(f"coefficient {k}", fontsize=8)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+        ax.tick_params(axis="y", length=0)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0].set_xlim(x[0], x[-1])
+    axes[0].set_ylim(-0.1, g - 1 + RIDGE_OVERLAP + 0.1)
+    axes[0].set_yticks(offsets, names, fontsize=7 if g <= 30 else 5)
+    fig.suptitle(short_label(title, 80))
     return fig
 
 
 def fig_drift(matrices: dict[str, pd.DataFrame]):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
     names, values = [], []
     for name, m in matrices.items():
         a = m.to_numpy()
@@ -138,35 +336,42 @@ def fig_drift(matrices: dict[str, pd.DataFrame]):
         if len(v):
             names.append(name)
             values.append(v)
+    fig, ax = plt.subplots(figsize=_fig_size(max(7.0, 0.5 * len(names) + 2), 4.5),
+                           layout="constrained")
     if values:
-        ax.boxplot(values, tick_labels=names)
+        ax.boxplot(values, tick_labels=short_labels(names, 20))
+        if len(names) > 6:
+            ax.tick_params(axis="x", rotation=90)
     ax.set_ylabel("symmetric KL shift")
     ax.set_title("drift per grouping (upper-triangle values)")
     ax.grid(alpha=0.3, axis="y")
     return fig
 
 
-def fig_density(density: np.ndarray, edges: np.ndarray):
+def fig_density(counts: np.ndarray):
+    """The notebook's picture: ``imshow(H.T / H.max())``, upper origin, ``fire``, log scale."""
     plt = _plt()
     from matplotlib.colors import LogNorm
 
-    d = density / max(density.max(), 1)
-    fig, ax = plt.subplots(figsize=(5.5, 4.8))
-    masked = np.ma.masked_less(d.T, 1e-5)
-    im = ax.imshow(masked, origin="lower", extent=[edges[0], edges[-1], edges[0], edges[-1]],
-                   norm=LogNorm(vmin=1e-5, vmax=1), cmap="magma", aspect="equal")
-    ax.set_xlabel("coefficient 0")
-    ax.set_ylabel("coefficient 1")
+    fig, ax = plt.subplots(figsize=(5.6, 4.8), layout="constrained")
+    img = np.ma.masked_less_equal(density_image(counts), 0)
+    im = ax.imshow(img, norm=LogNorm(vmin=DENSITY_VMIN, vmax=1), cmap=fire_cmap(),
+                   interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("coefficient 0 →")
+    ax.set_ylabel("← coefficient 1 (grows downwards)")
     ax.set_title("2-D density (normalised to max)")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.colorbar(im, ax=ax, shrink=0.8, extend="min")
     return fig
 
 
 def fig_quality(q: pd.DataFrame):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.4, 4.5), layout="constrained")
     sc = ax.scatter(q["sparsity"], q["variance_entropy_norm"], c=np.log10(q["n"].clip(1)),
                     s=6, alpha=0.6, cmap="viridis")
+    ax.axhline(1.0, color="0.4", lw=0.8, ls="--")
     ax.set_xlabel("sparsity")
     ax.set_ylabel("normalised variance entropy")
     ax.set_title("layer quality (one dot per layer)")
@@ -193,6 +398,11 @@ def write_report(out: str) -> str:
     """
     import xarray as xr
 
+    global _t0
+    _t0 = time.monotonic()
+    if not os.path.isdir(out):
+        raise AnalysisError(f"{out!r} does not exist or is not a directory; "
+                            "give the --out directory of an analysis")
     need = ["pca.json", "quality.csv", "results.zarr", os.path.join("kl", "drift.csv")]
     missing = [n for n in need if not os.path.exists(os.path.join(out, n))]
     if missing:
@@ -213,17 +423,19 @@ def write_report(out: str) -> str:
 
     _save(fig_explained_variance(pca, subsets), plots, "explained_variance", plots_dir)
     captions["explained_variance"] = "Cumulative explained variance: all filters and subsets."
-    eig = {"all filters": np.asarray(pca["components"])}
-    for name, sp in subsets.items():
-        c = np.asarray(sp["components"], dtype=float)
-        if np.all(np.isfinite(c)):
-            eig[name.split("=", 1)[-1]] = c
+    eig, n_flipped = eigenimage_rows(pca, subsets)
     _save(fig_eigenimages(eig), plots, "eigenimages", plots_dir)
-    captions["eigenimages"] = "Eigenimages (principal components as 3x3 images, scale -1..1)."
-    cov = ds["coef_covariance"].values
-    _save(fig_matrix(cov, [f"c{k}" for k in range(9)], "covariance of the coefficients",
-                     cmap="RdBu_r", annotate=True), plots, "coef_covariance", plots_dir)
-    captions["coef_covariance"] = "Covariance of the PCA coefficients (diagonal = variances)."
+    captions["eigenimages"] = (
+        "Eigenimages (principal components as 3x3 images, scale -1..1), c0 the largest. "
+        "A component's sign is arbitrary: for display each subset component is flipped to "
+        "agree in sign with the global component closest to it (largest |cosine|); "
+        f"{n_flipped} subset components were flipped. pca_subsets.json keeps the computed "
+        "signs (largest-|entry| positive).")
+    _save(fig_covariance(covariance_matrix(pca)), plots, "coef_covariance", plots_dir)
+    captions["coef_covariance"] = (
+        "Covariance matrix Σ of the scaled filters (9 weights x0..x8, n−1 denominator), "
+        "as scikit-learn's PCA.get_covariance() gives it: componentsᵀ·diag(explained "
+        "variance)·components.")
 
     kl_dir = os.path.join(out, "kl")
     matrices = {}
@@ -242,7 +454,8 @@ def write_report(out: str) -> str:
         _save(fig_matrix(mm.to_numpy(), order, f"KL shift: {name}", annotate=True),
               plots, f"kl_{slug}", plots_dir)
         captions[f"kl_{slug}"] = (f"Symmetric KL shift between {name} groups"
-                                  + (" (sorted by mean shift)." if slug in SORT_BY_MEAN else "."))
+                                  + (" (sorted by mean shift)." if slug in SORT_BY_MEAN else ".")
+                                  + f" Labels are shortened; full names in kl/{slug}.csv.")
         if f"ridge_{slug}" in ds:
             dens = ds[f"ridge_{slug}"].values
             labels = [str(v) for v in ds[f"group_{slug}"].values]
@@ -252,15 +465,25 @@ def write_report(out: str) -> str:
                                 [lab for lab, k in zip(labels, keep, strict=False) if k],
                                 f"coefficient densities by {name}"),
                       plots, f"ridge_{slug}", plots_dir)
-                captions[f"ridge_{slug}"] = (f"Binned KDE (Silverman bandwidth) of each "
-                                             f"coefficient per {name} group.")
+                captions[f"ridge_{slug}"] = (
+                    f"Density of each PCA coefficient (columns) per {name} group (rows): "
+                    "Gaussian KDE of a fine histogram, Silverman bandwidth per group and "
+                    "coefficient (KDEpy's rule). Heights: every curve is divided by the "
+                    "largest density in its column, so rows of one column compare; a "
+                    "curve's peak rises 1.5 rows. x: the global coefficient range. Full "
+                    f"group names: kl/{slug}.csv.")
     _save(fig_drift(matrices), plots, "drift", plots_dir)
     captions["drift"] = "Distribution of the pairwise shifts of each grouping."
-    _save(fig_density(ds["density_counts"].values, ds["density_edges"].values), plots,
-          "density_2d", plots_dir)
-    captions["density_2d"] = "Coefficient 0 vs 1: 512x512 bins on [-3.3, 3.3], log scale."
+    dens_counts = ds["density_counts"].values
+    _save(fig_density(dens_counts), plots, "density_2d", plots_dir)
+    captions["density_2d"] = (
+        f"Coefficient 0 (left to right) vs coefficient 1 (top to bottom): "
+        f"{dens_counts.shape[0]}x{dens_counts.shape[1]} bins on [−3.3, 3.3]², divided by "
+        "the maximum, log colour scale from 1e−5 (colorcet fire; empty cells black), "
+        "drawn as the authors' notebook draws it (transposed histogram, upper origin).")
     _save(fig_quality(quality), plots, "quality", plots_dir)
-    captions["quality"] = "Variance entropy (normalised) vs sparsity, per layer."
+    captions["quality"] = ("Variance entropy (normalised) vs sparsity, per layer; dashed: "
+                           "1. " + entropy_note())
 
     deg = pd.read_csv(os.path.join(out, "degenerated_layers.csv"))
     models = pd.read_csv(os.path.join(out, "model_quality.csv"))
