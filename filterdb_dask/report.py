@@ -13,6 +13,7 @@ import html
 import io
 import json
 import os
+import struct
 import sys
 import time
 
@@ -62,13 +63,23 @@ def _save(fig, plots: dict, name: str, outdir: str) -> None:
     no label, however long, can make a huge image.
     """
     plt = _plt()
-    bbox = fig.get_tightbbox()
-    side = max(bbox.width, bbox.height, 1e-3)
-    dpi = min(DPI, MAX_SIDE_PX / side)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+
+    def png(dpi, bbox="tight"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches=bbox)
+        data = buf.getvalue()
+        return data, max(struct.unpack(">II", data[16:24]))  # the header's width, height
+
+    dpi = DPI
+    data, side = png(dpi)
+    for _ in range(2):
+        if side <= MAX_SIDE_PX:
+            break
+        dpi *= 0.95 * MAX_SIDE_PX / side
+        data, side = png(dpi)
+    if side > MAX_SIDE_PX:  # an artist far outside the figure: cut it at the figure's edge
+        data, side = png(min(DPI, MAX_SIDE_PX / max(fig.get_size_inches())), None)
     plt.close(fig)
-    data = buf.getvalue()
     with open(os.path.join(outdir, f"{name}.png"), "wb") as fh:
         fh.write(data)
     plots[name] = base64.b64encode(data).decode("ascii")
@@ -193,10 +204,8 @@ def fire_cmap():
         raise AnalysisError(
             "the report needs colorcet: pip install 'filterdb-dask[plot]'"
         ) from None
-    cmap = colorcet.cm.fire.copy()
-    cmap.set_bad(cmap(0.0))
-    cmap.set_under(cmap(0.0))
-    return cmap
+    fire = colorcet.cm.fire
+    return fire.with_extremes(bad=fire(0.0), under=fire(0.0))
 
 
 def entropy_note(sizes=(2, 3, 4, 5, 6)) -> str:
