@@ -82,39 +82,22 @@ class Results:
     def ridge(self, slug: str) -> dict:
         """Binned-KDE densities per group and component for one grouping.
 
-        The bandwidth is KDEpy's Silverman rule (:func:`kernels.silverman_bandwidth`)
-        with the group's exact count and standard deviation (``ddof=1``, from the
-        pass-1 moments: ``components[k] @ cov_g @ components[k]``) and with the
-        quartiles and the 1 and 99 % percentiles estimated from the fine histogram
-        (each off by less than one fine bin; two percentiles in the same fine bin
-        count as equal, as a point mass such as all-zero filters makes them; see
-        ``docs/method.md``).
+        See :func:`filterdb_dask.kernels.ridge_densities` (KDEpy's Silverman rule with
+        exact counts and standard deviations from the pass-1 moments, percentiles from
+        the fine histogram).
 
         Returns dict with ``x`` (F,), ``density`` (G, 9, F), ``bandwidth`` (G, 9),
         ``labels``.
         """
         g = next(gr for gr in self.groupings if gr.slug == slug)
-        counts = self.fine_hist[slug]
         n, _, covs = group_covariances(self.layer_stats, g.codes, g.n_groups)
         comps = self.pca["components"]
+        var = np.einsum("kf,gfh,kh->gk", comps, np.nan_to_num(covs), comps)
+        std = np.sqrt(np.clip(np.where(n[:, None] > 1, var, 0.0), 0.0, None))
         edges = self.fine_edges
-        centres = (edges[:-1] + edges[1:]) / 2
-        dens = np.zeros(counts.shape, dtype=np.float64)
-        bw = np.full(counts.shape[:2], np.nan)
-        for gi in range(counts.shape[0]):
-            for k in range(counts.shape[1]):
-                c = counts[gi, k]
-                if c.sum() == 0:
-                    continue
-                var = comps[k] @ covs[gi] @ comps[k] if n[gi] > 1 else 0.0
-                std = float(np.sqrt(max(var, 0.0)))
-                p = kernels.histogram_percentiles(c, edges, [1, 25, 75, 99])
-                b = np.minimum(((p - edges[0]) // (edges[1] - edges[0])), len(c) - 1)
-                iqr = 0.0 if b[1] == b[2] else p[2] - p[1]
-                inner = 0.0 if b[0] == b[3] else p[3] - p[0]
-                bw[gi, k] = kernels.silverman_bandwidth(std, iqr, n[gi], inner_range=inner)
-                dens[gi, k] = kernels.binned_kde(c, edges, bw[gi, k])
-        return {"x": centres, "density": dens, "bandwidth": bw, "labels": g.labels}
+        dens, bw = kernels.ridge_densities(self.fine_hist[slug], edges, n, std)
+        return {"x": (edges[:-1] + edges[1:]) / 2, "density": dens, "bandwidth": bw,
+                "labels": g.labels}
 
     # ---------------------------------------------------------------- output
     def pca_json(self) -> dict:

@@ -256,7 +256,14 @@ def fig_explained_variance(pca: dict, subsets: dict):
 
 
 def fig_eigenimages(rows: dict[str, np.ndarray]):
+    """Components as 3x3 images, one row per PCA; the first row is the global PCA.
+
+    Every later row is drawn sign-aligned to the first (:func:`aligned_components`).
+    """
     plt = _plt()
+    ref = np.asarray(next(iter(rows.values())), dtype=np.float64)
+    rows = {name: (c if r == 0 else aligned_components(c, ref)[0])
+            for r, (name, c) in enumerate(rows.items())}
     n = len(rows)
     fig, axes = plt.subplots(n, 9, figsize=_fig_size(9, 1.0 * n + 0.6), squeeze=False,
                              layout="constrained")
@@ -357,8 +364,12 @@ def fig_drift(matrices: dict[str, pd.DataFrame]):
     return fig
 
 
-def fig_density(counts: np.ndarray):
-    """The notebook's picture: ``imshow(H.T / H.max())``, upper origin, ``fire``, log scale."""
+def fig_density(counts: np.ndarray, edges=None):
+    """The notebook's picture: ``imshow(H.T / H.max())``, upper origin, ``fire``, log scale.
+
+    ``edges`` is accepted for the caller's convenience; like the notebook's picture,
+    this one has no ticks, so it does not use them.
+    """
     plt = _plt()
     from matplotlib.colors import LogNorm
 

@@ -64,8 +64,8 @@ def built(synth_store, synth_h5, tmp_path_factory):
     xs = ref.scale(x[rows])
     pca = PCA(n_components=9, svd_solver="full").fit(xs)
     layer_of_row = np.repeat(np.arange(len(meta)), (meta["stop"] - meta["start"]).to_numpy())
-    return {"out": out, "stderr": err.getvalue(), "res": res, "xs": xs, "pca": pca, "coefs": pca.transform(xs),
-            "layer": layer_of_row}
+    return {"out": out, "stderr": err.getvalue(), "res": res, "xs": xs, "pca": pca,
+            "coefs": pca.transform(xs), "layer": layer_of_row}
 
 
 # ---------------------------------------------------------------------- plotted arrays
@@ -343,3 +343,13 @@ def test_report_prints_one_line_per_figure(built, capsys, monkeypatch, tmp_path)
 def test_report_of_a_missing_directory_says_so(tmp_path):
     with pytest.raises(AnalysisError, match="does not exist"):
         R.write_report(str(tmp_path / "missing"))
+
+
+def test_eigenimage_figure_draws_subset_rows_sign_aligned():
+    rng = np.random.default_rng(2)
+    glob = np.linalg.qr(rng.normal(size=(9, 9)))[0].T
+    flipped = glob * np.where(np.arange(9) % 2 == 0, -1.0, 1.0)[:, None]
+    fig = R.fig_eigenimages({"all filters": glob, "subset": flipped})
+    drawn = [ax.images[0].get_array().ravel() for ax in fig.axes if ax.images]
+    np.testing.assert_allclose(np.array(drawn[9:18]), glob, atol=1e-12)
+    R._plt().close(fig)
