@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from . import kernels, progress
+from . import kernels
 from .errors import AnalysisError
 from .groups import slugify
 
@@ -39,8 +39,8 @@ RIDGE_OVERLAP = 1.5
 #: density image lower limit (METHOD: log colour scale from 1e-5)
 DENSITY_VMIN = 1e-5
 
-#: when the report build started (for the progress lines)
-_t0 = time.monotonic()
+#: the report build in progress: its start and verbosity (for the progress lines)
+_build = {"t0": time.monotonic(), "verbosity": 1}
 
 
 def _plt():
@@ -83,9 +83,9 @@ def _save(fig, plots: dict, name: str, outdir: str) -> None:
     with open(os.path.join(outdir, f"{name}.png"), "wb") as fh:
         fh.write(data)
     plots[name] = base64.b64encode(data).decode("ascii")
-    if progress.VERBOSITY > 0:
+    if _build["verbosity"] > 0:
         sys.stderr.write(f"report: plots/{name}.png ({len(plots)} figures, "
-                         f"{time.monotonic() - _t0:.1f}s)\n")
+                         f"{time.monotonic() - _build['t0']:.1f}s)\n")
         sys.stderr.flush()
 
 
@@ -406,7 +406,7 @@ def _table(df: pd.DataFrame, n: int = 20) -> str:
                               classes="tbl", border=0, na_rep="–")
 
 
-def write_report(out: str) -> str:
+def write_report(out: str, *, verbosity: int | None = None) -> str:
     """Build ``out/report.html`` (images embedded) and ``out/plots/*.png``.
 
     Returns the report's path.
@@ -418,8 +418,7 @@ def write_report(out: str) -> str:
     """
     import xarray as xr
 
-    global _t0
-    _t0 = time.monotonic()
+    _build.update(t0=time.monotonic(), verbosity=1 if verbosity is None else verbosity)
     if not os.path.isdir(out):
         raise AnalysisError(f"{out!r} does not exist or is not a directory; "
                             "give the --out directory of an analysis")

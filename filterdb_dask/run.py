@@ -367,7 +367,7 @@ def cmd_analyze(args) -> int:
     if not args.no_report:
         from .report import write_report
 
-        path = write_report(args.out)
+        path = write_report(args.out, verbosity=_verbosity(args))
         print(f"report: {path}")
     return 0
 
@@ -375,7 +375,7 @@ def cmd_analyze(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    print(f"report: {write_report(args.dir)}")
+    print(f"report: {write_report(args.dir, verbosity=_verbosity(args))}")
     return 0
 
 
@@ -427,7 +427,7 @@ def cmd_demo(args) -> int:
         res = analyze(store, execution=ex)
     res.settings.update({"scheduler": ex.description})
     res.write(out)
-    path = write_report(out)
+    path = write_report(out, verbosity=verb)
     print(f"results: {out}")
     print(f"report: {path}")
     return 0

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from filterdb_dask import analyze, progress
+from filterdb_dask import analyze
 from filterdb_dask import kernels as K
 from filterdb_dask import report as R
 from filterdb_dask.errors import AnalysisError
@@ -51,9 +51,8 @@ def built(synth_store, synth_h5, tmp_path_factory):
     res = analyze(synth_store, verbosity=0)
     res.write(out)
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(progress, "VERBOSITY", 1)
-        R.write_report(out)
+    with contextlib.redirect_stderr(err):
+        R.write_report(out, verbosity=1)
     import h5py
 
     with h5py.File(synth_h5, "r") as f:
@@ -335,7 +334,7 @@ def test_report_prints_one_line_per_figure(built, capsys, monkeypatch, tmp_path)
     lines = built["stderr"].splitlines()
     assert all(line.startswith("report: plots/") for line in lines)
     assert sorted(line.split()[1][len("plots/"):] for line in lines) == pngs
-    monkeypatch.setattr(progress, "VERBOSITY", 0)
+    monkeypatch.setitem(R._build, "verbosity", 0)
     R._save(R.fig_drift({}), {}, "quiet", str(tmp_path))
     assert capsys.readouterr().err == ""
 
@@ -353,3 +352,11 @@ def test_eigenimage_figure_draws_subset_rows_sign_aligned():
     drawn = [ax.images[0].get_array().ravel() for ax in fig.axes if ax.images]
     np.testing.assert_allclose(np.array(drawn[9:18]), glob, atol=1e-12)
     R._plt().close(fig)
+
+
+def test_report_command_is_quiet_with_q(built, capsys):
+    from filterdb_dask.run import main
+
+    assert main(["report", built["out"], "-q"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and cap.out.startswith("report: ")
