@@ -166,7 +166,6 @@ def convert_vs_read(h5: str, store: str) -> dict:
     import shutil
     import subprocess
 
-    import zarr
 
     shutil.rmtree(store, ignore_errors=True)
     reads = [plain_read(h5)]
@@ -188,7 +187,9 @@ def convert_vs_read(h5: str, store: str) -> dict:
     conv = float(stdout.strip().splitlines()[-1])
     reads.append(plain_read(h5))
     read_s = statistics.median(reads)
-    n = int(zarr.open_group(store, mode="r").attrs["filterdb"]["n_filters"])
+    from filterdb_dask.storeformat import read_record
+
+    n = read_record(store).n_filters
     return {"n": n, "convert_s": conv, "plain_read_s": read_s,
             "convert_filters_per_s": n / conv,
             "convert_vs_read_speed": read_s / conv,

@@ -35,7 +35,7 @@ def measure(x: np.ndarray, path: str, reps: int = 3) -> list[dict]:
     import numcodecs.blosc
     import zarr
 
-    from convert.write import ZARR_CHUNK_ROWS
+    from filterdb_dask.storeformat import ZARR_CHUNK_ROWS
 
     numcodecs.blosc.set_nthreads(1)
     zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1})

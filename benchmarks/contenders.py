@@ -32,13 +32,9 @@ def row_codes(ctx):
     import dask.array as da
 
     store, grouping = ctx["store"], ctx["grouping"]
-    order = store.layer_order()
-    codes_sorted = grouping.codes[order]
-    bounds = store.chunk_bounds()
-    blocks, pos = [], 0
-    for i, b in enumerate(bounds):
-        c = codes_sorted[pos: pos + len(b)]
-        pos += len(b)
+    blocks = []
+    for i, (b, c) in enumerate(zip(store.chunk_bounds(), store.per_chunk(grouping.codes),
+                                   strict=True)):
         n = store.filters.chunks[0][i]
         blocks.append(da.from_delayed(
             __import__("dask").delayed(_row_codes_chunk)(
@@ -60,10 +56,8 @@ def read_floor(ctx):
 def fdb_pass1(ctx):
     from filterdb_dask.pca import layer_stats, pca_from_stats
 
-    stats = layer_stats(ctx["store"]).compute()
-    out = np.empty_like(stats)
-    out[ctx["store"].layer_order()] = stats
-    return {"pca": pca_from_stats(out)}
+    stats = ctx["store"].to_meta_order(layer_stats(ctx["store"]).compute())
+    return {"pca": pca_from_stats(stats)}
 
 
 def fdb_pass2(ctx):
@@ -84,10 +78,9 @@ def fdb_pass3(ctx):
     res = ctx["fdb"]
     hist, fine = layer_histograms(ctx["store"], res.pca, res.coef_range, bins=ctx["bins"])
     hist, _ = dask.compute(hist, fine)
-    out = np.empty_like(hist)
-    out[ctx["store"].layer_order()] = hist
     g = ctx["grouping"]
-    return {"group_hist": group_histograms(out, g.codes, g.n_groups)}
+    return {"group_hist": group_histograms(ctx["store"].to_meta_order(hist), g.codes,
+                                           g.n_groups)}
 
 
 def fdb_whole(ctx):

@@ -68,13 +68,10 @@ def main(argv=None) -> int:
     lo, hi = spec["coef_range"]
     bins, G = spec["bins"], spec["n_groups"]
     codes_meta = np.asarray(spec["codes"])
-    order = store.layer_order()
-    sorted_codes = codes_meta[order]
     f = store.filters
-    blocks, pos = [], 0
-    for i, b in enumerate(store.chunk_bounds()):
-        c = sorted_codes[pos: pos + len(b)]
-        pos += len(b)
+    blocks = []
+    for i, (b, c) in enumerate(zip(store.chunk_bounds(), store.per_chunk(codes_meta),
+                                   strict=True)):
         blocks.append(da.from_delayed(dask.delayed(_codes)(f.blocks[i], b, c),
                                       shape=(f.chunks[0][i],), dtype=np.int64))
     rows = da.concatenate(blocks)

@@ -333,44 +333,28 @@ def _append_h5(path: str, meta, new: pd.DataFrame, x: np.ndarray) -> None:
 
 
 def _append_store(path: str, meta, new: pd.DataFrame, x: np.ndarray, kind: str) -> None:
-    import zarr
-
-    from filterdb_dask.store import ATTR_KEY, SCHEMA_VERSION
+    """Plan the new rows' chunks, then append them through the store format (locked)."""
+    from filterdb_dask import storeformat as fmt
 
     from .plan import chunk_layers, plan_chunks
     from .read import normalize_meta
-    from .write import DEFAULT_CHUNK_FILTERS, write_chunk, write_meta
+    from .write import DEFAULT_CHUNK_FILTERS
 
+    new_store = None
     if kind == "new-store":
-        os.makedirs(path, exist_ok=True)
-        attrs = {"schema_version": SCHEMA_VERSION, "chunks": [], "checksums": [],
-                 "dtype": "float32", "codec": "lz4",
-                 "target_chunk_filters": DEFAULT_CHUNK_FILTERS,
-                 "source": {"path": None, "name": "filter", "shape": [0, 9],
-                            "dtype": "float32", "fingerprint": "ingest"},
-                 "unreferenced_filters": 0}
-        n0 = 0
+        new_store = {"dtype": "float32", "codec": "lz4",
+                     "target_chunk_filters": DEFAULT_CHUNK_FILTERS,
+                     "source": {"path": None, "name": "filter", "shape": [0, 9],
+                                "dtype": "float32", "fingerprint": "ingest"}}
+        n0, target, old_plan = 0, DEFAULT_CHUNK_FILTERS, np.zeros((0, 2), np.int64)
     else:
-        attrs = dict(zarr.open_group(path, mode="r").attrs[ATTR_KEY])
-        n0 = int(attrs["n_filters"])
-    root = zarr.open_group(path, mode="a")
-    root.attrs[ATTR_KEY] = dict(attrs, complete=False)
-    combined = _combined_meta(meta, new)
-    full, unref = normalize_meta(combined, n0 + len(x), path)
+        rec = fmt.read_record(path)
+        n0, target, old_plan = rec.n_filters, rec.target_chunk_filters, rec.chunks
+    full, unref = normalize_meta(_combined_meta(meta, new), n0 + len(x), path)
     new_rows = full.iloc[len(full) - len(new):]
     plan_new = plan_chunks(new_rows["start"].to_numpy() - n0, new_rows["stop"].to_numpy() - n0,
-                           new_rows["model_id"].to_numpy(), len(x),
-                           int(attrs["target_chunk_filters"])) + n0
-    plan = np.concatenate([np.asarray(attrs["chunks"], dtype=np.int64).reshape(-1, 2), plan_new])
-    full["chunk"] = chunk_layers(plan, full["start"].to_numpy(), full["stop"].to_numpy())
-    sums = list(attrs.get("checksums", []))
-    k0 = len(sums)
-    for j, (a, b) in enumerate(plan_new):
-        sums.append(write_chunk(path, k0 + j, np.asarray(x[a - n0: b - n0]), int(a), int(b),
-                                attrs["dtype"], attrs["codec"]))
-    write_meta(root, full)
-    root.attrs[ATTR_KEY] = dict(attrs, complete=True, chunks=plan.tolist(), checksums=sums,
-                                n_filters=n0 + len(x), n_layers=len(full),
-                                unreferenced_filters=unref,
-                                appended=list(attrs.get("appended", [])) + sorted(
-                                    set(new["model_sha256"])))
+                           new_rows["model_id"].to_numpy(), len(x), target) + n0
+    full["chunk"] = chunk_layers(np.concatenate([old_plan, plan_new]),
+                                 full["start"].to_numpy(), full["stop"].to_numpy())
+    fmt.append(path, x, plan_new, full, n_filters_seen=n0, appended=sorted(
+        set(new["model_sha256"])), unreferenced=unref, new_store=new_store)

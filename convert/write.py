@@ -1,15 +1,14 @@
 """Convert ``dataset.h5`` into a model-aligned, self-describing, resumable Zarr store.
 
-Each planned chunk (whole layers, whole small models) becomes one Zarr array
-``filters/NNNNN`` written by one task: read the rows from HDF5 (opened by path
-inside the task), check they are finite, cast, write, checksum, and only then
-record the checksum in the array's attributes. A chunk counts as done only when
-that record is there, so a run killed at any moment (even mid-write) is resumed
-by running the same command: finished chunks are kept, the rest rewritten. The
-store's ``complete`` flag is set last, after every chunk and the meta table.
-
-A lock file (``O_EXCL``) keeps two converters off the same target; a lock left by
-a dead process on this host is taken over.
+Plan, then call the store format (:mod:`filterdb_dask.storeformat` owns the layout,
+the record, the lock and the commit marks): each planned chunk (whole layers, whole
+small models) is written by one task that reads its rows from HDF5 (opened by path
+inside the task), hashes the source bytes, checks they are finite, and calls
+:func:`storeformat.write_chunk`, whose commit mark is written last. A run killed at
+any moment is resumed by running the same command: finished chunks are kept, the
+rest rewritten, and the source rows of every finished chunk are read and hashed
+again: a source changed since the interrupted run is refused (the fingerprint alone
+sees only its size, meta and ends). The store's ``complete`` flag is set last.
 """
 
 from __future__ import annotations
@@ -17,32 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import zlib
 from dataclasses import dataclass
 
 import dask
 import numpy as np
-import pandas as pd
 
 from filterdb_dask import cluster
-from filterdb_dask.errors import InputError, StoreBusyError, StoreError
-from filterdb_dask.store import (
-    ATTR_KEY,
-    SCHEMA_VERSION,
-    STR_NA_SUFFIX,
-    chunk_name,
-)
+from filterdb_dask import storeformat as fmt
+from filterdb_dask.errors import InputError, StoreError
+from filterdb_dask.storeformat import CODECS
 
 from .plan import chunk_layers, plan_chunks
 from .read import Source, read_rows, read_source
 
-LOCK_NAME = ".filterdb-convert.lock"
 DEFAULT_CHUNK_FILTERS = 1 << 20
-#: rows per Zarr chunk inside a planned chunk: 4.5 MiB of float32 decodes ~2x faster
-#: than one 36 MiB Zarr chunk (cache-sized blocks, less copying)
-ZARR_CHUNK_ROWS = 1 << 17
-CODECS = ("lz4", "zstd", "none")
 
 
 @dataclass
@@ -54,21 +41,6 @@ class ConvertResult:
     skipped: int
     unreferenced: int
     dtype: str
-
-
-# ------------------------------------------------------------------------- helpers
-def _compressors(codec: str, typesize: int):
-    import zarr
-
-    if codec == "none":
-        return None
-    if codec == "lz4":
-        return zarr.codecs.BloscCodec(
-            cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize
-        )
-    if codec == "zstd":
-        return zarr.codecs.ZstdCodec(level=1)
-    raise InputError(f"codec {codec!r} is not one of {CODECS}")
 
 
 def fingerprint(src: Source) -> str:
@@ -86,163 +58,34 @@ def fingerprint(src: Source) -> str:
     return h.hexdigest()
 
 
-def checksum(a: np.ndarray) -> int:
-    """CRC-32 of the array's bytes (C order, store dtype)."""
-    return zlib.crc32(np.ascontiguousarray(a).data) & 0xFFFFFFFF
+def _read_hashed(src_path: str, name: str, a: int, b: int) -> tuple[np.ndarray, str]:
+    """Rows ``[a, b)`` of the source and the SHA-256 of their bytes as read."""
+    x = np.ascontiguousarray(read_rows(src_path, name, a, b))
+    return x, hashlib.sha256(x.data).hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _Lock:
-    """Exclusive lock file inside the target directory."""
-
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, LOCK_NAME)
-        self.held = False
-
-    def __enter__(self):
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    with open(self.path) as fh:
-                        other = json.load(fh)
-                except (OSError, ValueError):
-                    other = {}
-                same_host = other.get("host") == me["host"]
-                if same_host and not _pid_alive(int(other.get("pid", -1))):
-                    os.remove(self.path)  # left by a dead converter: take it over
-                    continue
-                raise StoreBusyError(
-                    f"another converter (pid {other.get('pid')!r} on "
-                    f"{other.get('host')!r}) is writing {os.path.dirname(self.path)!r}; "
-                    f"wait for it, or remove {self.path!r} if it is gone"
-                ) from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
-        raise StoreBusyError(f"could not take the lock {self.path!r}")
-
-    def __exit__(self, *exc):
-        if self.held:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-        return False
-
-
-# ----------------------------------------------------------------------- meta
-def _column_kind(s: pd.Series) -> str:
-    if pd.api.types.is_bool_dtype(s):
-        return "bool"
-    if pd.api.types.is_integer_dtype(s):
-        return "int"
-    if pd.api.types.is_float_dtype(s):
-        return "float"
-    return "str"
-
-
-def write_meta(root, meta: pd.DataFrame) -> None:
-    """One array per meta column; strings as UTF-8 plus a NA mask; no pickles."""
-    g = root.require_group("meta")
-    spec = []
-    for j, name in enumerate(meta.columns):
-        s = meta[name]
-        kind = _column_kind(s)
-        arr_name = f"c{j:03d}"
-        if kind == "str":
-            na = s.isna().to_numpy()
-            vals = np.array(["" if m else _as_text(v) for v, m in zip(s, na, strict=True)],
-                            dtype=object)
-            a = g.create_array(arr_name, shape=vals.shape, dtype=str, overwrite=True)
-            a[...] = vals
-            m = g.create_array(arr_name + STR_NA_SUFFIX, shape=na.shape, dtype=bool,
-                               overwrite=True)
-            m[...] = na
-        else:
-            vals = s.to_numpy(dtype={"bool": bool, "int": np.int64, "float": np.float64}[kind])
-            a = g.create_array(arr_name, shape=vals.shape, dtype=vals.dtype, overwrite=True)
-            a[...] = vals
-        spec.append({"name": str(name), "array": arr_name, "kind": kind})
-    index = [n for n in meta.index.names if n is not None and n in meta.columns]
-    g.attrs.update({"columns": spec, "index": index})
-
-
-def _as_text(v) -> str:
-    if isinstance(v, bytes | np.bytes_):
-        return bytes(v).decode("utf-8", errors="replace")
-    if isinstance(v, list | tuple | np.ndarray):
-        return json.dumps(np.asarray(v).tolist())
-    return str(v)
-
-
-# ----------------------------------------------------------------------- task
+# ----------------------------------------------------------------------- tasks
 def _write_chunk(
     store_path: str, src_path: str, name: str, i: int, a: int, b: int, dtype: str, codec: str
 ):
-    """Read, check and write chunk ``i``; returns (i, crc, n_bad, first bad rows)."""
-    x = read_rows(src_path, name, a, b)
+    """Read, check and write chunk ``i``; returns (i, mark, n_bad, first bad rows)."""
+    x, digest = _read_hashed(src_path, name, a, b)
     # one float64 sum finds any NaN/Inf (float32 data cannot overflow it); only then
     # look row by row, so clean chunks pay a single cheap pass
     with np.errstate(invalid="ignore", over="ignore"):
         total = x.sum(dtype=np.float64)
     if not np.isfinite(total):
-        finite = np.isfinite(x).all(axis=1)
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if not finite.all():
             bad = np.nonzero(~finite)[0]
             return i, None, int((~np.isfinite(x)).sum()), (bad[:5] + a).tolist()
-    return i, write_chunk(store_path, i, x, a, b, dtype, codec), 0, []
+    mark = fmt.write_chunk(store_path, i, x.reshape(len(x), 9), a, b, dtype, codec, digest)
+    return i, mark, 0, []
 
 
-def write_chunk(store_path: str, i: int, x: np.ndarray, a: int, b: int, dtype: str,
-                codec: str) -> int:
-    """Write chunk ``i`` (rows ``[a, b)``) as its own array; record its checksum last.
-
-    The checksum in the array's attributes is the commit mark a resume looks for.
-    """
-    import zarr
-
-    y = np.ascontiguousarray(x, dtype=dtype)
-    arr = zarr.create_array(
-        store_path,
-        name=chunk_name(i),
-        shape=y.shape,
-        chunks=(max(1, min(y.shape[0], ZARR_CHUNK_ROWS)), 9),
-        dtype=y.dtype,
-        compressors=_compressors(codec, y.dtype.itemsize),
-        overwrite=True,
-        config={"write_empty_chunks": True},
-    )
-    arr[...] = y
-    crc = checksum(y)
-    arr.attrs.update({"rows": [int(a), int(b)], "crc32": crc})
-    return crc
-
-
-def _chunk_done(root, i: int, a: int, b: int) -> int | None:
-    """The recorded checksum of chunk ``i`` if it was completely written."""
-    try:
-        arr = root[chunk_name(i)]
-    except KeyError:
-        return None
-    except Exception:
-        return None  # a half-written array header: rewrite it
-    attrs = dict(arr.attrs)
-    if attrs.get("rows") == [a, b] and "crc32" in attrs and arr.shape == (b - a, 9):
-        return int(attrs["crc32"])
-    return None
+def _source_unchanged(src_path: str, name: str, i: int, a: int, b: int, recorded: str):
+    """Chunk ``i`` of an interrupted run: are its source rows still the ones written?"""
+    return i, _read_hashed(src_path, name, a, b)[1] == recorded
 
 
 # ----------------------------------------------------------------------- convert
@@ -278,8 +121,6 @@ def convert(
     ------
     InputError, StoreError, StoreBusyError
     """
-    import zarr
-
     src = read_source(source, name=filters_name)
     store_dtype = np.dtype(dtype or (np.float32 if src.dtype == np.float16 else src.dtype))
     if store_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -293,98 +134,61 @@ def convert(
     )
     meta = meta.copy()
     meta["chunk"] = chunk_layers(plan, meta["start"].to_numpy(), meta["stop"].to_numpy())
-    fp = fingerprint(src)
-    wanted = {
-        "schema_version": SCHEMA_VERSION,
-        "complete": False,
-        "n_filters": src.n_filters,
-        "n_layers": len(meta),
-        "dtype": store_dtype.name,
-        "codec": codec,
-        "target_chunk_filters": int(chunk_filters),
-        "chunks": plan.tolist(),
-        "unreferenced_filters": src.unreferenced,
-        "source": {
-            "path": os.path.abspath(src.path),
-            "name": src.name,
-            "shape": list(src.shape),
-            "dtype": src.dtype.name,
-            "fingerprint": fp,
-        },
-    }
+    wanted = fmt.StoreRecord(
+        n_filters=src.n_filters, n_layers=len(meta), dtype=store_dtype.name, codec=codec,
+        target_chunk_filters=int(chunk_filters), chunks=plan,
+        unreferenced_filters=src.unreferenced,
+        source={"path": os.path.abspath(src.path), "name": src.name,
+                "shape": list(src.shape), "dtype": src.dtype.name,
+                "fingerprint": fingerprint(src)},
+    )
     target = os.fspath(target)
     if os.path.exists(target) and not os.path.isdir(target):
         raise StoreError(f"target {target!r} exists and is not a directory")
     os.makedirs(target, exist_ok=True)
-    with _Lock(target):
-        _prepare_target(target, wanted)
-        root = zarr.open_group(target, mode="a")
-        old = dict(root.attrs).get(ATTR_KEY)
-        if old and old.get("complete"):
+    src_path = os.path.abspath(src.path)
+    with fmt.StoreLock(target):
+        complete, done = fmt.create_or_resume(target, wanted)
+        if complete is not None:
             return ConvertResult(target, src.n_filters, len(plan), 0, len(plan),
                                  src.unreferenced, store_dtype.name)
-        root.attrs[ATTR_KEY] = wanted
-        write_meta(root, meta)
-        done = {}
-        todo = []
+        wanted.meta_sha256 = fmt.write_meta(target, meta)
+        tasks = []
         for i, (a, b) in enumerate(plan):
-            crc = _chunk_done(root, i, int(a), int(b))
-            if crc is None:
-                todo.append(dask.delayed(_write_chunk, pure=False)(
-                    target, os.path.abspath(src.path), src.name, i, int(a), int(b),
-                    store_dtype.name, codec,
-                ))
+            if i in done:
+                tasks.append(dask.delayed(_source_unchanged, pure=False)(
+                    src_path, src.name, i, int(a), int(b), done[i].source_sha256))
             else:
-                done[i] = crc
+                tasks.append(dask.delayed(_write_chunk, pure=False)(
+                    target, src_path, src.name, i, int(a), int(b), store_dtype.name, codec))
         ex = cluster.ensure(execution, verbosity)
-        (results,) = ex.compute(todo, label="convert", io_bound=True) if todo \
-            else ((),)
-        bad_total = 0
-        bad_rows: list[int] = []
-        for i, crc, n_bad, rows in results:
-            if crc is None:
+        (results,) = ex.compute(tasks, label="convert", io_bound=True) if tasks else ((),)
+        marks = dict(done)
+        bad_total, bad_rows, changed = 0, [], []
+        for res in results:
+            if len(res) == 2:
+                if not res[1]:
+                    changed.append(res[0])
+                continue
+            i, mark, n_bad, rows = res
+            if mark is None:
                 bad_total += n_bad
                 bad_rows.extend(rows)
             else:
-                done[i] = crc
+                marks[i] = mark
+        if changed:
+            a, b = plan[changed[0]]
+            raise StoreError(
+                f"{src.path!r} changed since the interrupted conversion of {target!r}: "
+                f"the rows of {len(changed)} finished chunk(s) differ (first: rows {a}:{b}); "
+                "delete the target and convert again"
+            )
         if bad_total:
             raise InputError(
                 f"{src.path!r}: the filters hold {bad_total} NaN/Inf values (first rows: "
                 f"{sorted(bad_rows)[:5]}); the store was left incomplete"
             )
-        final = dict(wanted, complete=True, checksums=[done[i] for i in range(len(plan))])
-        root.attrs[ATTR_KEY] = final
-    return ConvertResult(target, src.n_filters, len(plan), len(todo), len(plan) - len(todo),
+        fmt.commit(target, wanted, marks)
+    written = len(plan) - len(done)
+    return ConvertResult(target, src.n_filters, len(plan), written, len(done),
                          src.unreferenced, store_dtype.name)
-
-
-def _prepare_target(target: str, wanted: dict) -> None:
-    """Create the target, or check an existing one belongs to the same conversion."""
-    import zarr
-
-    if set(os.listdir(target)) - {LOCK_NAME}:
-        if not os.path.exists(os.path.join(target, "zarr.json")):
-            raise StoreError(
-                f"target {target!r} exists, is not empty and is not a filterdb store; "
-                "choose another target"
-            )
-        try:
-            old = dict(zarr.open_group(target, mode="r").attrs).get(ATTR_KEY)
-        except Exception:
-            old = None
-        if not isinstance(old, dict):
-            raise StoreError(f"target {target!r} is a Zarr store but not a filterdb store")
-        if old.get("source", {}).get("fingerprint") != wanted["source"]["fingerprint"]:
-            raise StoreError(
-                f"target {target!r} was converted from another source "
-                f"({old.get('source', {}).get('path')!r}); choose another target or "
-                "delete it"
-            )
-        for key in ("dtype", "codec", "chunks"):
-            if old.get(key) != wanted[key]:
-                raise StoreError(
-                    f"target {target!r} was started with another {key} "
-                    f"({old.get(key)!r:.60}); rerun with the same options or delete it"
-                )
-        return
-    zarr.open_group(target, mode="a")

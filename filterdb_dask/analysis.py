@@ -313,18 +313,11 @@ def analyze(
     subset_masks = _normalize_subsets(
         meta, default_subsets(meta) if subsets is None else subsets
     )
-    order = store.layer_order()
-
-    def _to_meta_order(a):
-        out = np.empty_like(a)
-        out[order] = a
-        return out
-
     # pass 1
     (stats_sorted,) = ex.compute(
         layer_stats(store, engine=engine), label="pass 1/3 moments+quality"
     )
-    stats = _to_meta_order(stats_sorted)
+    stats = store.to_meta_order(stats_sorted)
     pca = pca_from_stats(stats)
     validate_pca(pca)
     subset_pcas = {name: pca_from_stats(stats, mask) for name, mask in subset_masks.items()}
@@ -344,7 +337,7 @@ def analyze(
         fine_bins=fine_bins, engine=engine,
     )
     hist_sorted, fine = ex.compute(hist_lazy, fine_lazy, label="pass 3/3 histograms")
-    layer_hist = _to_meta_order(hist_sorted)
+    layer_hist = store.to_meta_order(hist_sorted)
     group_hist = {g.slug: group_histograms(layer_hist, g.codes, g.n_groups) for g in groupings}
     kl = {
         g.slug: kl_matrix(group_hist[g.slug], coef_range, pca["explained_variance_ratio"],

@@ -98,8 +98,8 @@ def layer_histograms(
 
     Returns
     -------
-    (hist, fine): dask arrays (n_layers, 9, bins) uint32 in ``store.layer_order()``
-    and (n_groups, 9, fine_bins) int64.
+    (hist, fine): dask arrays (n_layers, 9, bins) uint32, rows in chunk order (put them
+    in meta order with ``store.to_meta_order``), and (n_groups, 9, fine_bins) int64.
     """
     bins = _validate_bins(bins)
     fine_bins = _validate_bins(fine_bins, "fine_bins")
@@ -113,13 +113,8 @@ def layer_histograms(
     if layer_groups is None:
         layer_groups = np.full((n_meta, 0), -1, dtype=np.int64)
     layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(n_meta, -1)
-    order = store.layer_order()
-    sorted_groups = layer_groups[order]
     bounds = store.chunk_bounds()
-    per_chunk, pos = [], 0
-    for b in bounds:
-        per_chunk.append((b, sorted_groups[pos : pos + len(b)]))
-        pos += len(b)
+    per_chunk = list(zip(bounds, store.per_chunk(layer_groups), strict=True))
     n = store.filters.numblocks[0]
     hist, fine = map_chunks(
         _histogram_task,

@@ -30,7 +30,8 @@ def layer_stats(store, *, engine: str = "auto"):
 
     Returns
     -------
-    dask array (n_layers, kernels.N_STATS) float64, rows in ``store.layer_order()``.
+    dask array (n_layers, kernels.N_STATS) float64, rows in chunk order (put them
+    in meta order with ``store.to_meta_order``).
     """
     get_kernels(engine)  # validate before building
     bounds = store.chunk_bounds()

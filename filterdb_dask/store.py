@@ -1,18 +1,15 @@
 """Open a converted filter store: filters as a model-aligned dask array, meta, layers.
 
-Store layout (written by ``convert``; Zarr v3 directory)::
-
-    store.zarr/
-      zarr.json          attributes["filterdb"]: schema, completion flag, source
-                         fingerprint and dtype, chunk plan, per-chunk checksums
-      filters/00000      (n_0, 9) filters of chunk 0, one Zarr array per chunk
-      filters/00001      ...
-      meta/c000 ...      one array per meta column (strings: UTF-8 + a NA mask);
-                         attributes name the column and its kind
-      layers/start, layers/stop, layers/chunk   int64, one entry per meta row
+The format (layout, record, checks) is owned by :mod:`filterdb_dask.storeformat`;
+this module turns a checked store into dask objects. It also owns the order of
+per-layer rows (issue 11.2): chunk tasks produce their layers' rows chunk by chunk;
+:meth:`FilterStore.per_chunk` hands each chunk its layers' values and
+:meth:`FilterStore.to_meta_order` puts chunk-ordered rows back into meta order, so
+no caller permutes.
 
 Each chunk array is one planned chunk, so the dask array's chunks are exactly the
-store's model-aligned chunks and a task reads whole Zarr chunks only.
+store's model-aligned chunks and a task reads whole Zarr chunks only. Every task
+reads through :func:`storeformat.read_chunk`, which verifies what it reads.
 """
 
 from __future__ import annotations
@@ -23,37 +20,35 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import storeformat as fmt
 from .errors import StoreError
-
-SCHEMA_VERSION = 1
-ATTR_KEY = "filterdb"
-STR_NA_SUFFIX = ".isna"
-
-
-def chunk_name(i: int) -> str:
-    """Path of chunk ``i``'s array inside the store."""
-    return f"filters/{i:05d}"
 
 
 @dataclass
 class FilterStore:
-    """A complete converted store.
+    """A complete, checked store.
 
     Attributes
     ----------
     path : the store directory.
-    filters : dask array (N, 9), chunks = the store's model-aligned chunks.
+    filters : dask array (N, 9), chunks = the store's model-aligned chunks; every
+        block is verified when read.
     meta : DataFrame, one row per layer (original index and columns) plus int64
         ``start``/``stop`` rows and ``chunk``.
     plan : (K, 2) int64 ``[begin, end)`` rows of each chunk.
-    attrs : the store's ``filterdb`` attributes.
+    record : the store's attributes (:class:`storeformat.StoreRecord`).
     """
 
     path: str
     filters: object
     meta: pd.DataFrame
     plan: np.ndarray
-    attrs: dict
+    record: fmt.StoreRecord
+
+    @property
+    def attrs(self) -> dict:
+        """The store's ``filterdb`` attributes as stored."""
+        return self.record.to_attrs()
 
     @property
     def n_filters(self) -> int:
@@ -63,78 +58,46 @@ class FilterStore:
     def n_chunks(self) -> int:
         return len(self.plan)
 
+    def _layer_order(self) -> np.ndarray:
+        # meta rows sorted by (chunk, start): the order chunk tasks produce layer rows in
+        return np.lexsort((self.meta["start"].to_numpy(), self.meta["chunk"].to_numpy()))
+
+    def _chunk_cuts(self) -> np.ndarray:
+        chunk = self.meta["chunk"].to_numpy()[self._layer_order()]
+        return np.searchsorted(chunk, np.arange(1, len(self.plan)))
+
     def chunk_bounds(self) -> list[np.ndarray]:
         """Per chunk, the (L_i, 2) ``[start, stop)`` rows of its layers relative to
-        the chunk, sorted by start; the layer order is :meth:`layer_order`."""
-        order = self.layer_order()
+        the chunk, sorted by start (the order of a chunk task's per-layer rows)."""
+        order = self._layer_order()
         chunk = self.meta["chunk"].to_numpy()[order]
         rel = np.stack([self.meta["start"].to_numpy()[order],
                         self.meta["stop"].to_numpy()[order]], axis=1).astype(np.int64)
         rel -= self.plan[chunk, :1] if len(chunk) else 0
         # layers are sorted by chunk: one split, not a mask per chunk (O(L), not O(L*K))
-        cuts = np.searchsorted(chunk, np.arange(1, len(self.plan)))
-        return np.split(rel, cuts)
+        return np.split(rel, self._chunk_cuts())
 
-    def layer_order(self) -> np.ndarray:
-        """Meta row positions sorted by (chunk, start): the order of per-layer
-        results produced chunk by chunk."""
-        return np.lexsort((self.meta["start"].to_numpy(), self.meta["chunk"].to_numpy()))
+    def per_chunk(self, values: np.ndarray) -> list[np.ndarray]:
+        """Split per-layer ``values`` (first axis: meta rows, meta order) into one
+        array per chunk, rows in the order of :meth:`chunk_bounds`."""
+        values = np.asarray(values)
+        if len(values) != len(self.meta):
+            raise ValueError(f"{len(values)} values for {len(self.meta)} layers")
+        return np.split(values[self._layer_order()], self._chunk_cuts())
 
-
-def read_attrs(path: str) -> dict:
-    """The store's ``filterdb`` attributes, or a StoreError for a foreign path."""
-    import zarr
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise StoreError(f"store {path!r} does not exist")
-    try:
-        root = zarr.open_group(path, mode="r")
-    except Exception as exc:  # zarr raises several types for a non-store
-        raise StoreError(f"{path!r} is not a Zarr store ({type(exc).__name__})") from None
-    attrs = dict(root.attrs).get(ATTR_KEY)
-    if not isinstance(attrs, dict):
-        raise StoreError(f"{path!r} is a Zarr store but not a filterdb store")
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(
-            f"{path!r} has store schema {attrs.get('schema_version')!r}; this version "
-            f"reads schema {SCHEMA_VERSION}: convert again"
-        )
-    return attrs
-
-
-def read_meta(path: str) -> pd.DataFrame:
-    """Rebuild the meta table stored column by column (no pickles involved)."""
-    import zarr
-
-    g = zarr.open_group(path, mode="r", path="meta")
-    spec = g.attrs["columns"]
-    data = {}
-    for item in spec:
-        arr = g[item["array"]][...]
-        kind = item["kind"]
-        if kind == "str":
-            na = g[item["array"] + STR_NA_SUFFIX][...]
-            arr = np.asarray(arr, dtype=object)
-            arr[na] = np.nan
-        data[item["name"]] = arr
-    df = pd.DataFrame(data)
-    index = list(g.attrs.get("index", []))
-    if index:
-        df.index = pd.MultiIndex.from_frame(df[index]) if len(index) > 1 else pd.Index(
-            df[index[0]], name=index[0]
-        )
-    return df
-
-
-def _load_chunk(path: str, i: int) -> np.ndarray:
-    import zarr
-
-    return zarr.open_array(path, path=chunk_name(i), mode="r")[...]
+    def to_meta_order(self, rows: np.ndarray) -> np.ndarray:
+        """Per-layer ``rows`` produced chunk by chunk (stacked in chunk order, as
+        every per-layer output of a pass is) → the same rows in meta order."""
+        rows = np.asarray(rows)
+        if len(rows) != len(self.meta):
+            raise ValueError(f"{len(rows)} rows for {len(self.meta)} layers")
+        out = np.empty_like(rows)
+        out[self._layer_order()] = rows
+        return out
 
 
 def open_store(path: str | os.PathLike) -> FilterStore:
-    """Open a complete filter store.
+    """Open a complete filter store, checked against its own record.
 
     Parameters
     ----------
@@ -147,8 +110,11 @@ def open_store(path: str | os.PathLike) -> FilterStore:
     Raises
     ------
     StoreError
-        Missing, not a filterdb store, another schema, or not complete (a
-        conversion that did not finish; run it again to resume).
+        Missing, not a filterdb store, another schema, not complete (a conversion
+        that did not finish; run it again to resume), or damaged: a chunk's metadata
+        differs from the record, the meta table differs from its digest, or a layer
+        lies outside its chunk. Reading a block later raises StoreError for a
+        missing, replaced or corrupt chunk.
 
     Examples
     --------
@@ -161,17 +127,22 @@ def open_store(path: str | os.PathLike) -> FilterStore:
     from dask.highlevelgraph import HighLevelGraph
 
     path = os.fspath(path)
-    attrs = read_attrs(path)
-    if not attrs.get("complete"):
+    rec = fmt.read_record(path)
+    if not rec.complete:
         raise StoreError(
             f"store {path!r} is incomplete: its conversion did not finish; run the same "
             "convert command again to resume it"
         )
-    plan = np.asarray(attrs["chunks"], dtype=np.int64).reshape(-1, 2)
-    meta = read_meta(path)
-    name = "filters-" + tokenize(path, attrs.get("source", {}).get("fingerprint"), attrs)
-    dsk = {(name, i, 0): (_load_chunk, path, i) for i in range(len(plan))}
+    meta = fmt.read_meta(path, rec)
+    fmt.check_all_chunk_metadata(path, rec)
+    plan = rec.chunks
+    name = "filters-" + tokenize(path, rec.to_attrs())
+    dsk = {
+        (name, i, 0): (fmt.read_chunk, path, i, int(a), int(b), rec.dtype, rec.codec,
+                       rec.chunk_marks(i))
+        for i, (a, b) in enumerate(plan)
+    }
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     sizes = tuple(int(b - a) for a, b in plan)
-    filters = da.Array(graph, name, chunks=(sizes, (9,)), dtype=np.dtype(attrs["dtype"]))
-    return FilterStore(path=path, filters=filters, meta=meta, plan=plan, attrs=attrs)
+    filters = da.Array(graph, name, chunks=(sizes, (9,)), dtype=np.dtype(rec.dtype))
+    return FilterStore(path=path, filters=filters, meta=meta, plan=plan, record=rec)

@@ -16,9 +16,10 @@ import pytest
 import zarr
 
 from convert.verify import verify
-from convert.write import LOCK_NAME, convert
+from convert.write import convert
 from filterdb_dask.errors import InputError, StoreBusyError, StoreError
 from filterdb_dask.store import open_store
+from filterdb_dask.storeformat import LOCK_NAME
 from tests.conftest import simple_meta, write_h5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

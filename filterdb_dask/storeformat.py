@@ -1,0 +1,677 @@
+"""The filter store's format: the one module that writes it, reads it and checks it.
+
+Owner of the store-format contract (issue 11.1). ``convert`` (new stores, resume),
+``convert.ingest`` (appends), ``convert.verify`` and :func:`filterdb_dask.open_store`
+plan what to do and call this module; none of them spells an attribute, a path or a
+codec itself.
+
+Layout (Zarr v3 directory)::
+
+    store.zarr/
+      zarr.json          attributes["filterdb"] = StoreRecord.to_attrs(): schema,
+                         completion flag, source and its fingerprint, chunk plan,
+                         per chunk: CRC-32 of its values, the CRC-32C of every stored
+                         Zarr chunk, SHA-256 of the source bytes it was made from;
+                         SHA-256 of the meta table
+      filters/00000      (n_0, 9) filters of planned chunk 0, one Zarr array per chunk,
+                         Zarr chunks of ZARR_CHUNK_ROWS rows; codecs: bytes, the
+                         compressor, crc32c (any Zarr reader checks every chunk)
+      filters/00001      ...
+      meta/c000 ...      one array per meta column (strings: UTF-8 + a NA mask)
+
+Writing (each step is a commit mark, so a run killed anywhere resumes):
+:class:`StoreLock` → :func:`create_or_resume` → :func:`write_chunk` per chunk (its
+attributes, written last, are the chunk's commit mark) → :func:`write_meta` →
+:func:`commit` (``complete`` set last). :func:`append` does the same for new chunks.
+
+Reading checks everything against the root record, which is written last:
+:func:`read_chunk` (the task behind every dask block) refuses a chunk whose metadata
+(shape, dtype, codecs, rows) differs from the record's, whose stored Zarr chunks are
+missing (Zarr would silently return the fill value) or are not the ones recorded (a
+symlink to another chunk, a truncated file), and its crc32c codec refuses flipped
+bytes. :func:`read_meta` checks the meta table's digest and every layer's bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import socket
+import zlib
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import pandas as pd
+
+from .errors import StoreBusyError, StoreError
+
+SCHEMA_VERSION = 2
+ATTR_KEY = "filterdb"
+LOCK_NAME = ".filterdb-convert.lock"
+STR_NA_SUFFIX = ".isna"
+#: rows per Zarr chunk inside a planned chunk: 4.5 MiB of float32 decodes ~2x faster
+#: than one 36 MiB Zarr chunk (cache-sized blocks, less copying)
+ZARR_CHUNK_ROWS = 1 << 17
+CODECS = ("lz4", "zstd", "none")
+_REPAIR = "run `filterdb-dask verify` on it and convert the source again"
+
+
+def chunk_name(i: int) -> str:
+    """Path of planned chunk ``i``'s array inside the store."""
+    return f"filters/{i:05d}"
+
+
+# ------------------------------------------------------------------------ record
+@dataclass
+class StoreRecord:
+    """The store's attributes (``zarr.json`` → ``attributes["filterdb"]``), typed.
+
+    ``chunks`` is the (K, 2) plan of ``[begin, end)`` rows; the per-chunk lists
+    (``checksums``, ``stored_crc32c``, ``source_sha256``) have K entries once the
+    store is complete.
+    """
+
+    n_filters: int
+    n_layers: int
+    dtype: str
+    codec: str
+    target_chunk_filters: int
+    chunks: np.ndarray
+    source: dict
+    unreferenced_filters: int = 0
+    complete: bool = False
+    checksums: list[int] = field(default_factory=list)
+    stored_crc32c: list[list[int]] = field(default_factory=list)
+    source_sha256: list[str] = field(default_factory=list)
+    meta_sha256: str | None = None
+    appended: list[str] = field(default_factory=list)
+
+    def to_attrs(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["chunks"] = np.asarray(self.chunks, dtype=np.int64).reshape(-1, 2).tolist()
+        return {"schema_version": SCHEMA_VERSION, **out}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, path: str = "") -> StoreRecord:
+        """The record of ``attrs``; StoreError for another schema or a damaged record."""
+        version = attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path!r} has store schema {version!r}; this version reads schema "
+                f"{SCHEMA_VERSION} (every chunk checksummed on read): convert again"
+            )
+        try:
+            rec = cls(**{f.name: attrs[f.name] for f in fields(cls) if f.name in attrs})
+            rec.chunks = np.asarray(rec.chunks, dtype=np.int64).reshape(-1, 2)
+            _validate_record(rec)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreError(
+                f"the record in {path!r}/zarr.json is damaged ({exc}); convert again"
+            ) from exc
+        return rec
+
+    def chunk_marks(self, i: int) -> tuple[int, ...]:
+        """The recorded CRC-32C of every stored Zarr chunk of planned chunk ``i``."""
+        return tuple(int(c) for c in self.stored_crc32c[i])
+
+
+def _validate_record(rec: StoreRecord) -> None:
+    plan = rec.chunks
+    if rec.dtype not in ("float32", "float64") or rec.codec not in CODECS:
+        raise ValueError(f"dtype {rec.dtype!r} / codec {rec.codec!r}")
+    if len(plan) and (plan[0, 0] != 0 or plan[-1, 1] != rec.n_filters
+                      or np.any(plan[:, 1] <= plan[:, 0])
+                      or np.any(plan[1:, 0] != plan[:-1, 1])):
+        raise ValueError("the chunk plan does not tile the filters")
+    if rec.complete:
+        k = len(plan)
+        if not (len(rec.checksums) == len(rec.stored_crc32c) == len(rec.source_sha256) == k):
+            raise ValueError(f"per-chunk lists do not have {k} entries")
+        for i, (a, b) in enumerate(plan):
+            if len(rec.stored_crc32c[i]) != _n_zarr_chunks(int(b - a)):
+                raise ValueError(f"chunk {i} has the wrong number of stored checksums")
+
+
+def read_record(path: str) -> StoreRecord:
+    """The record of the store at ``path``; StoreError for a missing or foreign path."""
+    import zarr
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise StoreError(f"store {path!r} does not exist")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as exc:  # zarr raises several types for a non-store
+        raise StoreError(f"{path!r} is not a Zarr store ({type(exc).__name__})") from exc
+    attrs = dict(root.attrs).get(ATTR_KEY)
+    if not isinstance(attrs, dict):
+        raise StoreError(f"{path!r} is a Zarr store but not a filterdb store")
+    return StoreRecord.from_attrs(attrs, path)
+
+
+# ------------------------------------------------------------------ chunk arrays
+def _n_zarr_chunks(rows: int) -> int:
+    return -(-rows // _zarr_rows(rows))
+
+
+def _zarr_rows(rows: int) -> int:
+    return max(1, min(rows, ZARR_CHUNK_ROWS))
+
+
+def _compressors(codec: str, typesize: int) -> list:
+    import zarr
+    from zarr.codecs import Crc32cCodec
+
+    if codec == "none":
+        return [Crc32cCodec()]
+    if codec == "lz4":
+        comp = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle",
+                                      typesize=typesize)
+    elif codec == "zstd":
+        comp = zarr.codecs.ZstdCodec(level=1)
+    else:
+        raise StoreError(f"codec {codec!r} is not one of {CODECS}")
+    return [comp, Crc32cCodec()]  # the checksum is over the stored bytes: checked first
+
+
+def _create_chunk_array(store, name: str | None, rows: int, dtype: str, codec: str):
+    import zarr
+
+    dt = np.dtype(dtype)
+    return zarr.create_array(
+        store, name=name, shape=(rows, 9), chunks=(_zarr_rows(rows), 9), dtype=dt,
+        compressors=_compressors(codec, dt.itemsize), overwrite=True,
+        config={"write_empty_chunks": True},
+    )
+
+
+def _plain(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _template(dtype: str, codec: str) -> str:
+    from zarr.storage import MemoryStore
+
+    md = _plain(_create_chunk_array(MemoryStore(), None, 1, dtype, codec).metadata.to_dict())
+    md.pop("attributes")
+    return json.dumps(md)
+
+
+def expected_chunk_metadata(rows: int, dtype: str, codec: str) -> dict:
+    """The Zarr metadata (less attributes) every chunk array of ``rows`` rows has."""
+    md = json.loads(_template(dtype, codec))
+    md["shape"] = [rows, 9]
+    md["chunk_grid"]["configuration"]["chunk_shape"] = [_zarr_rows(rows), 9]
+    return md
+
+
+def _open_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str):
+    """Open chunk ``i``'s array and check its metadata against the record's."""
+    import zarr
+
+    where = f"chunk {i} (rows {a}:{b}) of {path!r}"
+    try:
+        arr = zarr.open_array(path, path=chunk_name(i), mode="r")
+        md = _plain(arr.metadata.to_dict())
+    except Exception as exc:
+        raise StoreError(f"{where} cannot be opened ({type(exc).__name__}: {exc}); "
+                         f"{_REPAIR}") from exc
+    rows = md.pop("attributes").get("rows")
+    if rows != [a, b] or md != expected_chunk_metadata(b - a, dtype, codec):
+        want = expected_chunk_metadata(b - a, dtype, codec)
+        diff = sorted(k for k in set(md) | set(want) if md.get(k) != want.get(k))
+        raise StoreError(
+            f"{where}: its zarr.json differs from the store's record "
+            f"({', '.join(diff) or 'rows'} edited); {_REPAIR}"
+        )
+    return arr
+
+
+def _stored_marks(arr) -> list[int | None]:
+    """The CRC-32C trailer of every stored Zarr chunk of ``arr`` (None: missing)."""
+    import asyncio
+
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    sp = arr.store_path
+    keys = [f"{sp.path}/{arr.metadata.encode_chunk_key((j, 0))}"
+            for j in range(arr.cdata_shape[0])]
+    proto = default_buffer_prototype()
+
+    async def _all():
+        return await asyncio.gather(*(
+            sp.store.get(k, proto, byte_range=SuffixByteRequest(4)) for k in keys))
+
+    out = []
+    for buf in sync(_all()):
+        raw = None if buf is None else buf.to_bytes()
+        out.append(None if raw is None or len(raw) != 4 else
+                   int(np.frombuffer(raw, dtype="<u4")[0]))
+    return out
+
+
+def read_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str,
+               marks: tuple[int, ...]) -> np.ndarray:
+    """Rows ``[a, b)`` of planned chunk ``i``, verified: the task behind each block.
+
+    Raises
+    ------
+    StoreError
+        The chunk's metadata differs from the record, a stored Zarr chunk is missing
+        or is not the one recorded, or its bytes fail their CRC-32C.
+    """
+    arr = _open_chunk(path, i, a, b, dtype, codec)
+    where = f"chunk {i} (rows {a}:{b}) of {path!r}"
+    found = _stored_marks(arr)
+    for j, (got, want) in enumerate(zip(found, marks, strict=True)):
+        if got is None:
+            raise StoreError(f"{where}: its stored Zarr chunk {j} is missing; {_REPAIR}")
+        if got != want:
+            raise StoreError(
+                f"{where}: its stored Zarr chunk {j} is not the one written (replaced, "
+                f"truncated or edited); {_REPAIR}"
+            )
+    try:
+        return arr[...]
+    except Exception as exc:  # zarr's crc32c codec raises ValueError on a mismatch
+        raise StoreError(
+            f"chunk {i} (rows {a}:{b}) checksum failed: its stored bytes in {path!r} "
+            f"are corrupt ({type(exc).__name__}: {str(exc)[:80]}); {_REPAIR}"
+        ) from exc
+
+
+def checksum(a: np.ndarray) -> int:
+    """CRC-32 of the array's values (C order, store dtype)."""
+    return zlib.crc32(np.ascontiguousarray(a).data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ChunkMark:
+    """The commit mark of a written chunk (its array's attributes)."""
+
+    crc32: int
+    stored_crc32c: tuple[int, ...]
+    source_sha256: str
+
+    def to_attrs(self, a: int, b: int) -> dict:
+        return {"rows": [int(a), int(b)], "crc32": self.crc32,
+                "stored_crc32c": list(self.stored_crc32c),
+                "source_sha256": self.source_sha256}
+
+
+def write_chunk(path: str, i: int, x: np.ndarray, a: int, b: int, dtype: str, codec: str,
+                source_sha256: str) -> ChunkMark:
+    """Write planned chunk ``i`` (rows ``[a, b)``) as its own array; mark it last.
+
+    ``source_sha256`` is the digest of the source bytes the rows were made from
+    (checked again when a conversion is resumed).
+    """
+    y = np.ascontiguousarray(x, dtype=dtype)
+    if y.shape != (b - a, 9):
+        raise StoreError(f"chunk {i}: {y.shape} rows given for rows {a}:{b}")
+    arr = _create_chunk_array(path, chunk_name(i), b - a, dtype, codec)
+    arr[...] = y
+    mark = ChunkMark(checksum(y), tuple(_stored_marks(arr)), source_sha256)
+    # one write of zarr.json (``attrs.update`` writes it once per key): the mark is whole
+    arr.update_attributes(mark.to_attrs(a, b))
+    return mark
+
+
+def chunk_mark(path: str, i: int, a: int, b: int, dtype: str, codec: str) -> ChunkMark | None:
+    """The commit mark of chunk ``i`` if it was completely written, else None."""
+    try:
+        arr = _open_chunk(path, i, a, b, dtype, codec)
+    except StoreError:
+        return None  # absent or half-written: rewrite it
+    attrs = dict(arr.attrs)
+    try:
+        mark = ChunkMark(int(attrs["crc32"]), tuple(int(c) for c in attrs["stored_crc32c"]),
+                         str(attrs["source_sha256"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return mark if len(mark.stored_crc32c) == _n_zarr_chunks(b - a) else None
+
+
+def check_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str,
+                marks: tuple[int, ...], crc32: int) -> tuple[list[str], object]:
+    """Every check of chunk ``i``: what :func:`read_chunk` checks plus the CRC-32 of
+    its values (``crc32``, recorded). Returns (problems, values or None)."""
+    try:
+        y = read_chunk(path, i, a, b, dtype, codec, marks)
+    except StoreError as exc:
+        return [str(exc)], None
+    crc = checksum(y)
+    if crc != crc32:
+        return [f"chunk {i} (rows {a}:{b}) checksum {crc:08x} != recorded {crc32:08x}"], y
+    return [], y
+
+
+def check_all_chunk_metadata(path: str, rec: StoreRecord) -> None:
+    """Open every chunk array and compare its metadata with the record (threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        i, (a, b) = item
+        _open_chunk(path, i, int(a), int(b), rec.dtype, rec.codec)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, enumerate(rec.chunks)))
+
+
+# ----------------------------------------------------------------------- the lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreLock:
+    """Exclusive lock file inside the store directory: one writer at a time
+    (``convert``, resumed or not, and ``ingest``). A lock left by a dead process on
+    this host is taken over."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self.held = False
+
+    def __enter__(self):
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path) as fh:
+                        other = json.load(fh)
+                except (OSError, ValueError):
+                    other = {}
+                if not isinstance(other, dict):
+                    other = {}
+                same_host = other.get("host") == me["host"]
+                try:
+                    pid = int(other.get("pid", -1))
+                except (TypeError, ValueError):
+                    pid = -1
+                if same_host and pid > 0 and not _pid_alive(pid):
+                    os.remove(self.path)  # left by a dead writer: take it over
+                    continue
+                raise StoreBusyError(
+                    f"another converter (pid {other.get('pid')!r} on "
+                    f"{other.get('host')!r}) is writing {os.path.dirname(self.path)!r}; "
+                    f"wait for it, or remove {self.path!r} if it is gone"
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return self
+        raise StoreBusyError(f"could not take the lock {self.path!r}")
+
+    def __exit__(self, *exc):
+        if self.held:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        return False
+
+
+# ------------------------------------------------------------- create, resume, commit
+def create_or_resume(path: str, rec: StoreRecord) -> tuple[StoreRecord | None, dict]:
+    """Start or resume writing ``rec`` at ``path`` (hold :class:`StoreLock`).
+
+    Returns
+    -------
+    (complete, done): the existing record if the store is already complete (nothing
+    to do), else None; and ``{chunk: ChunkMark}`` of the chunks already written.
+
+    Raises
+    ------
+    StoreError
+        ``path`` holds something else: another source, other options, an older schema.
+    """
+    import zarr
+
+    if set(os.listdir(path)) - {LOCK_NAME}:
+        if not os.path.exists(os.path.join(path, "zarr.json")):
+            raise StoreError(
+                f"target {path!r} exists, is not empty and is not a filterdb store; "
+                "choose another target"
+            )
+        try:
+            attrs = dict(zarr.open_group(path, mode="r").attrs).get(ATTR_KEY)
+        except Exception:
+            attrs = None
+        if not isinstance(attrs, dict):
+            raise StoreError(f"target {path!r} is a Zarr store but not a filterdb store")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"target {path!r} was written with store schema "
+                f"{attrs.get('schema_version')!r} (this version writes {SCHEMA_VERSION}); "
+                "delete it and convert again"
+            )
+        old = StoreRecord.from_attrs(attrs, path)
+        if old.source.get("fingerprint") != rec.source.get("fingerprint"):
+            raise StoreError(
+                f"target {path!r} was converted from another source "
+                f"({old.source.get('path')!r}); choose another target or delete it"
+            )
+        for key in ("dtype", "codec", "chunks"):
+            a, b = getattr(old, key), getattr(rec, key)
+            if not np.array_equal(a, b):
+                shown = a.tolist() if isinstance(a, np.ndarray) else a
+                raise StoreError(
+                    f"target {path!r} was started with another {key} "
+                    f"({shown!r:.60}); rerun with the same options or delete it"
+                )
+        if old.complete:
+            return old, {}
+    root = zarr.open_group(path, mode="a")
+    root.attrs[ATTR_KEY] = dict(rec.to_attrs(), complete=False)
+    done = {}
+    for i, (a, b) in enumerate(rec.chunks):
+        mark = chunk_mark(path, i, int(a), int(b), rec.dtype, rec.codec)
+        if mark is not None:
+            done[i] = mark
+    return None, done
+
+
+def commit(path: str, rec: StoreRecord, marks: dict[int, ChunkMark]) -> StoreRecord:
+    """Record every chunk's marks and set ``complete``: the store's last write."""
+    import zarr
+
+    k = len(rec.chunks)
+    missing = [i for i in range(k) if i not in marks]
+    if missing:
+        raise StoreError(f"cannot commit {path!r}: chunks {missing[:5]} were not written")
+    final = StoreRecord(**{f.name: getattr(rec, f.name) for f in fields(rec)})
+    final.checksums = [marks[i].crc32 for i in range(k)]
+    final.stored_crc32c = [list(marks[i].stored_crc32c) for i in range(k)]
+    final.source_sha256 = [marks[i].source_sha256 for i in range(k)]
+    final.complete = True
+    zarr.open_group(path, mode="a").attrs[ATTR_KEY] = final.to_attrs()
+    return final
+
+
+def append(path: str, x: np.ndarray, plan_new: np.ndarray, meta: pd.DataFrame, *,
+           n_filters_seen: int, appended: list[str], unreferenced: int,
+           new_store: dict | None = None) -> StoreRecord:
+    """Append rows ``x`` as the planned chunks ``plan_new`` (absolute rows) and the full
+    new ``meta`` (with ``start``/``stop``/``chunk``), under the lock.
+
+    ``n_filters_seen`` is the store's size the caller planned against (refused if
+    another writer changed it meanwhile). ``new_store`` gives the record's fixed
+    fields (dtype, codec, target_chunk_filters, source) for a store created here.
+    """
+    import zarr
+
+    os.makedirs(path, exist_ok=True)
+    with StoreLock(path):
+        if new_store is not None:
+            if set(os.listdir(path)) - {LOCK_NAME}:
+                raise StoreError(f"target {path!r} is not empty; choose another target")
+            rec = StoreRecord(n_filters=0, n_layers=0, chunks=np.zeros((0, 2), np.int64),
+                              complete=True, **new_store)
+            zarr.open_group(path, mode="a")
+        else:
+            rec = read_record(path)
+            if not rec.complete or rec.n_filters != n_filters_seen:
+                raise StoreError(f"store {path!r} changed while models were read; retry")
+        n0 = rec.n_filters
+        if len(x) != int(plan_new[-1, 1]) - n0 or int(plan_new[0, 0]) != n0:
+            raise StoreError(f"appended rows {plan_new[[0, -1]].tolist()} do not follow {n0}")
+        k0 = len(rec.chunks)
+        marks = {i: ChunkMark(rec.checksums[i], rec.chunk_marks(i), rec.source_sha256[i])
+                 for i in range(k0)}
+        grown = StoreRecord(**{f.name: getattr(rec, f.name) for f in fields(rec)})
+        grown.chunks = np.concatenate([rec.chunks, plan_new]).astype(np.int64)
+        grown.n_filters = int(grown.chunks[-1, 1])
+        grown.n_layers = len(meta)
+        grown.unreferenced_filters = int(unreferenced)
+        grown.appended = [*rec.appended, *appended]
+        grown.complete = False
+        zarr.open_group(path, mode="a").attrs[ATTR_KEY] = grown.to_attrs()
+        for j, (a, b) in enumerate(plan_new):
+            rows = np.ascontiguousarray(x[a - n0: b - n0])
+            marks[k0 + j] = write_chunk(path, k0 + j, rows, int(a), int(b), grown.dtype,
+                                        grown.codec, hashlib.sha256(rows.data).hexdigest())
+        grown.meta_sha256 = write_meta(path, meta)
+        return commit(path, grown, marks)
+
+
+# ----------------------------------------------------------------------- meta
+def _column_kind(s: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(s):
+        return "bool"
+    if pd.api.types.is_integer_dtype(s):
+        return "int"
+    if pd.api.types.is_float_dtype(s):
+        return "float"
+    return "str"
+
+
+def _as_text(v) -> str:
+    if isinstance(v, bytes | np.bytes_):
+        return bytes(v).decode("utf-8", errors="replace")
+    if isinstance(v, list | tuple | np.ndarray):
+        return json.dumps(np.asarray(v).tolist())
+    return str(v)
+
+
+def _meta_digest(spec: list, index: list, arrays: dict) -> str:
+    """SHA-256 of the meta table as stored: column spec, index and every value."""
+    h = hashlib.sha256(json.dumps([spec, index]).encode())
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(name.encode() + b"\0")
+        if a.dtype.kind in "OTU":
+            h.update(json.dumps([str(v) for v in a.tolist()]).encode())
+        else:
+            h.update(str(a.dtype).encode() + np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def write_meta(path: str, meta: pd.DataFrame) -> str:
+    """One array per meta column; strings as UTF-8 plus a NA mask; no pickles.
+
+    Returns the table's digest, for the record.
+    """
+    import zarr
+
+    g = zarr.open_group(path, mode="a").require_group("meta")
+    spec, arrays = [], {}
+    for j, name in enumerate(meta.columns):
+        s = meta[name]
+        kind = _column_kind(s)
+        arr_name = f"c{j:03d}"
+        if kind == "str":
+            na = s.isna().to_numpy()
+            vals = np.array(["" if m else _as_text(v) for v, m in zip(s, na, strict=True)],
+                            dtype=object)
+            g.create_array(arr_name, shape=vals.shape, dtype=str, overwrite=True)[...] = vals
+            g.create_array(arr_name + STR_NA_SUFFIX, shape=na.shape, dtype=bool,
+                           overwrite=True)[...] = na
+            arrays[arr_name], arrays[arr_name + STR_NA_SUFFIX] = vals, na
+        else:
+            vals = s.to_numpy(dtype={"bool": bool, "int": np.int64, "float": np.float64}[kind])
+            g.create_array(arr_name, shape=vals.shape, dtype=vals.dtype,
+                           overwrite=True)[...] = vals
+            arrays[arr_name] = vals
+        spec.append({"name": str(name), "array": arr_name, "kind": kind})
+    index = [n for n in meta.index.names if n is not None and n in meta.columns]
+    g.attrs.update({"columns": spec, "index": index})
+    return _meta_digest(spec, index, arrays)
+
+
+def read_meta(path: str, rec: StoreRecord) -> pd.DataFrame:
+    """The meta table, checked: its digest against the record, and every layer's
+    ``start``/``stop`` inside its chunk of the plan.
+
+    Raises
+    ------
+    StoreError
+        The table was edited or damaged, or a layer lies outside its chunk.
+    """
+    import zarr
+
+    where = f"the meta table of {path!r}"
+    try:
+        g = zarr.open_group(path, mode="r", path="meta")
+        spec = list(g.attrs["columns"])
+        index = list(g.attrs.get("index", []))
+        arrays = {}
+        for item in spec:
+            names = [item["array"]] + ([item["array"] + STR_NA_SUFFIX]
+                                       if item["kind"] == "str" else [])
+            for n in names:
+                arrays[n] = g[n][...]
+    except Exception as exc:
+        raise StoreError(f"{where} cannot be read ({type(exc).__name__}); {_REPAIR}") from exc
+    if _meta_digest(spec, index, arrays) != rec.meta_sha256:
+        raise StoreError(f"{where} differs from the one recorded (edited or damaged); "
+                         f"{_REPAIR}")
+    data = {}
+    for item in spec:
+        arr = arrays[item["array"]]
+        if item["kind"] == "str":
+            arr = np.asarray(arr, dtype=object)
+            arr[arrays[item["array"] + STR_NA_SUFFIX]] = np.nan
+        data[item["name"]] = arr
+    df = pd.DataFrame(data)
+    if index:
+        df.index = pd.MultiIndex.from_frame(df[index]) if len(index) > 1 else pd.Index(
+            df[index[0]], name=index[0]
+        )
+    validate_layers(df, rec.chunks, path)
+    return df
+
+
+def validate_layers(meta: pd.DataFrame, plan: np.ndarray, path: str = "") -> None:
+    """Every layer's ``[start, stop)`` lies inside its chunk of ``plan`` (the kernels
+    index chunk rows with these bounds: outside they would read another chunk's memory).
+    """
+    try:
+        start, stop, chunk = (meta[c].to_numpy().astype(np.int64, casting="safe")
+                              for c in ("start", "stop", "chunk"))
+    except (KeyError, TypeError) as exc:
+        raise StoreError(f"the meta table of {path!r} lacks int64 start/stop/chunk "
+                         f"({exc}); {_REPAIR}") from exc
+    ok = (chunk >= 0) & (chunk < len(plan))
+    c = np.where(ok, chunk, 0)
+    if len(plan):
+        ok &= (plan[c, 0] <= start) & (start <= stop) & (stop <= plan[c, 1])
+    bad = np.nonzero(~ok)[0]
+    if len(bad):
+        r = int(bad[0])
+        raise StoreError(
+            f"layer {r} of {path!r} (rows {start[r]}:{stop[r]}, chunk {chunk[r]}) lies "
+            f"outside its chunk; {len(bad)} layer(s) out of bounds; {_REPAIR}"
+        )
