@@ -408,13 +408,14 @@ def cmd_demo(args) -> int:
     from .analysis import analyze
     from .cluster import execution
     from .report import write_report
+    from .storeformat import SCHEMA_VERSION
 
     verb = _verbosity(args)
     cache = default_cache_dir()
     demo = os.path.join(cache, "demo")
     os.makedirs(demo, exist_ok=True)
     h5 = os.path.join(demo, "dataset.h5")
-    store = os.path.join(demo, "dataset.zarr")
+    store = os.path.join(demo, f"dataset-v{SCHEMA_VERSION}.zarr")  # a new format: new cache
     out = os.path.join(demo, "results")
     print(f"filterdb-dask demo: working in {demo}", flush=True)
     if not os.path.exists(h5):
