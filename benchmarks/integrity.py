@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     cpu = {k: [] for k in variants}
     reads = {k: [] for k in variants}
     ref = None
-    for k, st in variants.items():  # warm-up: numba compile, page cache
+    for st in variants.values():  # warm-up: numba compile, page cache
         out = layer_stats(st).compute(scheduler="synchronous")
         ref = out if ref is None else ref
         np.testing.assert_array_equal(out, ref)
