@@ -45,9 +45,10 @@ def model_format(path: str) -> str:
     """``onnx``, ``torch``, ``safetensors`` or ``keras``, from the file's content first.
 
     HDF5 content (a Keras ``.h5`` / ``.weights.h5``, whatever the extension) is told
-    from a filter DB by its layout; a safetensors file by its extension or its header
-    (8-byte length, then ``{``), a sharded one by its ``.safetensors.index.json`` or
-    the folder holding it; PyTorch by extension; anything else is read as ONNX.
+    from a filter DB by its layout; a ``.keras`` archive is Keras 3; a safetensors file
+    by its extension or its header (8-byte length, then ``{``), a sharded one by its
+    ``.safetensors.index.json`` or the folder holding it; PyTorch by extension;
+    anything else is read as ONNX.
     """
     if os.path.isdir(path):
         return "safetensors"
@@ -59,7 +60,7 @@ def model_format(path: str) -> str:
             head = fh.read(9)
     except OSError:
         head = b""  # the reader names the problem
-    if head[:8] == HDF5_MAGIC:
+    if head[:8] == HDF5_MAGIC or low.endswith(".keras"):
         return "keras"
     if low.endswith(TORCH_EXTS):
         return "torch"
@@ -96,7 +97,8 @@ def read_model(path: str, *, name: str | None = None) -> ModelInfo:
     path = os.fspath(path)
     fmt = model_format(path)
     if fmt == "keras":
-        _keras_or_db(path)
+        if not path.lower().endswith(".keras"):
+            _keras_or_db(path)
         from .keras_extract import read_keras
 
         return read_keras(path, name=name)

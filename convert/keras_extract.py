@@ -1,6 +1,6 @@
 """Conv kernels from Keras HDF5 weight files, read with h5py (no Keras or TensorFlow).
 
-Two layouts are read, told apart by content:
+Three layouts are read, told apart by content:
 
 - **Keras 2** (``model.save("m.h5")`` or ``model.save_weights("w.h5")``): the
   ``layer_names`` attribute (at the root, or on the ``model_weights`` group of a full
@@ -20,6 +20,9 @@ Two layouts are read, told apart by content:
   class comes from the (default) layer name: ``depthwise_conv2d*``,
   ``separable_conv2d*``, ``conv2d_transpose*``; a renamed depthwise layer would read
   as a plain conv.
+- **Keras 3 archive** (``model.save("m.keras")``): a zip of ``config.json`` and
+  ``model.weights.h5`` (the layout above); the config gives the layers' model order
+  and classes, so ``conv_depth`` and renamed layers are exact.
 
 Keras stores a conv kernel ``(kh, kw, in / groups, out)`` and a depthwise kernel
 ``(kh, kw, in, multiplier)``. They become the project's ``(out, in / groups, kh, kw)``
@@ -225,27 +228,94 @@ def _keras3_layers(group, prefix: str, path: str, found: list, depth: int = 0) -
             found.append((f"{prefix}{name}", g))
 
 
-def _keras3(f, path: str) -> list[tuple[str, str, np.ndarray]]:
+def _kind_parts(leaf: str, cls: str | None):
+    """[(variable index, kernel kind)] of a Keras 3 layer, by class or by default name."""
+    if cls is not None:
+        if "Transpose" in cls or "Conv" not in cls:
+            return []
+        if "Separable" in cls:
+            return [("0", "depthwise"), ("1", "conv")]
+        return [("0", "depthwise" if "Depthwise" in cls else "conv")]
+    if is_transposed(leaf):
+        return []
+    if "separable" in leaf:
+        return [("0", "depthwise"), ("1", "conv")]
+    return [("0", "depthwise" if "depthwise" in leaf else "conv")]
+
+
+def _keras3(f, path: str, config: list[tuple[str, str]] | None = None):
     found: list = []
     _keras3_layers(f, "", path, found)
+    order = {n: i for i, (n, _) in enumerate(config or [])}
+    classes = dict(config or [])
     picked = []
     for name, g in found:
-        leaf = name.rsplit("/", 1)[-1]
-        if is_transposed(leaf):
-            continue
         vars_ = _walk(g, "vars", path)
-        if "0" not in vars_:
-            continue
-        if "separable" in leaf:
-            parts = [("0", "depthwise"), ("1", "conv")]
-        else:
-            parts = [("0", "depthwise" if "depthwise" in leaf else "conv")]
-        for i, kind in parts:
+        for i, kind in _kind_parts(name.rsplit("/", 1)[-1], classes.get(name)):
+            if i not in vars_:
+                continue
             obj = _link_target(vars_, i, path)
             if _ndim(obj) == 4 and obj.dtype.kind == "f":
-                picked.append((f"{name}/vars/{i}", kind, obj))
-    picked.sort(key=lambda t: _natural(t[0]))
-    return [(node, kind, _read_dataset(obj, path)) for node, kind, obj in picked]
+                picked.append((f"{name}/vars/{i}", kind, obj, name))
+    picked.sort(key=lambda t: (order.get(t[3], len(order)), _natural(t[0])))
+    return [(node, kind, _read_dataset(obj, path)) for node, kind, obj, _ in picked]
+
+
+def _config_layers(cfg, path: str) -> list[tuple[str, str]]:
+    """``[(layer path, class name)]`` in model order from a ``.keras`` config.json."""
+    out: list[tuple[str, str]] = []
+    stack = [(cfg, "", 0)]
+    while stack:
+        node, prefix, depth = stack.pop()
+        conf = node.get("config") if isinstance(node, dict) else None
+        layers = conf.get("layers") if isinstance(conf, dict) else None
+        if not isinstance(layers, list):
+            continue
+        if depth > MAX_NESTING:
+            raise InputError(f"{path!r}: config.json nests models more than {MAX_NESTING} deep")
+        inner = []
+        for lay in layers:
+            if not isinstance(lay, dict):
+                continue
+            c = lay.get("config") if isinstance(lay.get("config"), dict) else {}
+            lname, cls = c.get("name", lay.get("name")), lay.get("class_name")
+            if isinstance(lname, str) and isinstance(cls, str):
+                out.append((prefix + lname, cls))
+                inner.append((lay, f"{prefix}{lname}/", depth + 1))
+        stack.extend(reversed(inner))
+    return out
+
+
+def _open_archive(path: str, stack):
+    """(the archive's ``model.weights.h5`` opened by h5py, its layers in model order)."""
+    import zipfile
+
+    import h5py
+
+    try:
+        z = stack.enter_context(zipfile.ZipFile(path))
+        cfg_info = z.getinfo("config.json")
+        w_info = z.getinfo("model.weights.h5")
+    except KeyError:
+        raise InputError(f"{path!r} is a zip archive but not a Keras 3 model (no config.json "
+                         "and model.weights.h5)") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{path!r} is not a readable .keras archive ({exc})") from None
+    if cfg_info.file_size > CONFIG_CAP:
+        raise InputError(f"{path!r}: config.json is over {CONFIG_CAP:,} bytes; refusing it")
+    if w_info.compress_type != zipfile.ZIP_STORED and \
+            w_info.file_size > MAX_RATIO * w_info.compress_size + (1 << 20):
+        raise InputError(f"{path!r}: model.weights.h5 inflates {w_info.compress_size:,} bytes "
+                         f"to {w_info.file_size:,}; refusing it")
+    try:
+        cfg = json.loads(z.read(cfg_info).decode("utf-8"))
+        f = stack.enter_context(h5py.File(stack.enter_context(z.open(w_info)), "r"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InputError(f"{path!r}: config.json is not valid JSON") from None
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path!r}: model.weights.h5 cannot be read "
+                         f"({' '.join(str(exc).split())[:100]})") from None
+    return f, _config_layers(cfg, path)
 
 
 def _natural(name: str):
@@ -253,28 +323,35 @@ def _natural(name: str):
 
 
 def read_keras(path: str, *, name: str | None = None) -> ModelInfo:
-    """Conv kernels of a Keras 2 ``.h5`` or Keras 3 ``.weights.h5`` file.
+    """Conv kernels of a Keras 2 ``.h5``, Keras 3 ``.weights.h5`` or ``.keras`` file.
 
     Raises
     ------
     InputError
-        Not a Keras HDF5 file, or a file that asks for indirection or more memory
-        than it stores (one line naming the object).
+        Not a Keras file, or a file that asks for indirection or more memory than it
+        stores (one line naming the object).
     """
+    import contextlib
+    import zipfile
+
     import h5py
 
     path = os.fspath(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path!r} is not a readable HDF5 file "
-                         f"({' '.join(str(exc).split())[:100]})") from None
-    with f:
-        layout = keras_layout(f)
+    with contextlib.ExitStack() as stack:
+        if zipfile.is_zipfile(path):
+            f, config = _open_archive(path, stack)
+            layout = "keras3"
+        else:
+            try:
+                f = stack.enter_context(h5py.File(path, "r"))
+            except OSError as exc:
+                raise InputError(f"{path!r} is not a readable HDF5 file "
+                                 f"({' '.join(str(exc).split())[:100]})") from None
+            layout, config = keras_layout(f), None
         if layout is None:
             raise InputError(f"{path!r} is HDF5 but not a Keras weights file (no layer_names "
                              "attribute, no layers/ group)")
-        kernels = _keras2(f, path) if layout == "keras2" else _keras3(f, path)
+        kernels = _keras2(f, path) if layout == "keras2" else _keras3(f, path, config)
     layers = []
     for i, (node, kind, k) in enumerate(kernels):
         w = _to_filters(k, kind)

@@ -301,3 +301,64 @@ def test_keras_separable_conv_is_depthwise_then_pointwise(tmp_path, layout):
     np.testing.assert_array_equal(got.layers[1].weights[4, 7, 0, 0], pw[0, 0, 7, 4])
     assert got.kernel_counts() == {"(3, 3) filters": 8, "(1, 1) filters": 40}
     assert len(got.filter_layers()) == 1 and len(got.filter_layers(1)) == 1
+
+
+def write_keras_archive(path, layers, classes):
+    """A Keras 3 ``.keras`` archive: config.json (Sequential) + model.weights.h5, stored."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    write_keras3(buf, layers)
+    config = {"module": "keras", "class_name": "Sequential", "config": {
+        "name": "sequential", "layers": [
+            {"module": "keras.layers", "class_name": "InputLayer",
+             "config": {"name": "input_layer", "batch_shape": [None, 8, 8, 3]}},
+            *({"module": "keras.layers", "class_name": classes[n], "config": {"name": n}}
+              for n, _ in layers)]}}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("metadata.json", json.dumps({"keras_version": "3.6.0"}))
+        z.writestr("config.json", json.dumps(config))
+        z.writestr("model.weights.h5", buf.getvalue())
+
+
+def test_keras_archive_gives_model_order_and_classes(nets, tmp_path):
+    # renamed layers: only the archive's config tells their classes and order
+    n = nets["mixed"]
+    sd = n["sd"]
+    renamed = {"conv2d": "stem", "depthwise_conv2d": "dw", "conv2d_1": "grouped",
+               "conv2d_2": "pw", "conv2d_transpose": "up"}
+    layers = [(renamed[k], v) for k, v in _keras_layers("mixed", sd)]
+    classes = {"stem": "Conv2D", "dw": "DepthwiseConv2D", "grouped": "Conv2D", "pw": "Conv2D",
+               "up": "Conv2DTranspose"}
+    p = str(tmp_path / "mixed.keras")
+    write_keras_archive(p, layers, classes)
+    assert model_format(p) == "keras"
+    got = read_model(p)
+    assert got.producer == "keras3" and got.name == "mixed"
+    assert [lay.node for lay in got.layers] == [f"{k}/vars/0" for k in ("stem", "dw", "grouped",
+                                                                          "pw")]
+    _same_filters(got, read_state_dict(n["pth"]))
+    _same_meta(tmp_path, p, n["pth"])
+    # the same weights without the archive: the renamed depthwise layer reads as a plain conv
+    bare = str(tmp_path / "mixed.weights.h5")
+    write_keras3(bare, layers)
+    assert {lay.node: lay.weights.shape for lay in read_model(bare).layers}["dw/vars/0"] == \
+        (2, 8, 3, 3)
+
+
+def test_bad_keras_archive(tmp_path):
+    import zipfile
+
+    p = tmp_path / "x.keras"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("config.json", "{}")
+    from filterdb_dask.errors import InputError
+
+    with pytest.raises(InputError, match=r"is a zip archive but not a Keras 3 model"):
+        read_model(str(p))
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("config.json", b"\xff")
+        z.writestr("model.weights.h5", b"")
+    with pytest.raises(InputError, match=r"config.json is not valid JSON"):
+        read_model(str(p))
