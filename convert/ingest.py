@@ -79,7 +79,9 @@ def _keras_or_db(path: str) -> None:
         with h5py.File(path, "r") as f:
             if keras_layout(f) is not None:
                 return
-            is_db = "meta" in f and ("filter" in f or "filters" in f)
+            # links are looked at, not followed
+            is_db = f.get("meta", getlink=True) is not None and any(
+                f.get(k, getlink=True) is not None for k in ("filter", "filters"))
     except OSError as exc:
         raise InputError(f"{path!r} is not a readable HDF5 file ({exc})") from None
     if is_db:

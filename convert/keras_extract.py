@@ -34,8 +34,8 @@ A separable conv gives two conv layers (depthwise, then the 1x1 pointwise), as i
 an ONNX export. Transposed convs are left out (as ONNX ``ConvTranspose``).
 ``conv_depth`` is the position of the kernel in layer order.
 
-The file is hostile input: only datasets reached through hard or in-file soft links
-are read, never external links, external raw storage or virtual datasets, and a
+The file is hostile input: only objects reached through hard links are read, never
+soft or external links, external raw storage or virtual datasets, and a
 dataset whose declared size its storage cannot hold is refused before it is read.
 """
 
@@ -57,39 +57,48 @@ MAX_NESTING = 32  # models inside models in a Keras 3 file
 MAX_RATIO = 1100  # declared / stored bytes of a compressed dataset (gzip tops out ~1000x)
 
 
+def _has(group, name: str) -> bool:
+    """Whether ``group`` has a link ``name`` (of any kind), without following it."""
+    return group.get(name, getlink=True) is not None
+
+
 def keras_layout(f) -> str | None:
-    """``"keras2"``, ``"keras3"`` or None for an open ``h5py.File``."""
+    """``"keras2"``, ``"keras3"`` or None for an open ``h5py.File`` (no link followed)."""
+    import h5py
+
     if "layer_names" in f.attrs:
         return "keras2"
-    mw = f.get("model_weights", getclass=True)
-    if mw is not None and "layer_names" in f["model_weights"].attrs:
+    if isinstance(f.get("model_weights", getlink=True), h5py.HardLink) \
+            and isinstance(f["model_weights"], h5py.Group) \
+            and "layer_names" in f["model_weights"].attrs:
         return "keras2"
-    if f.get("layers", getclass=True) is not None:
+    if isinstance(f.get("layers", getlink=True), h5py.HardLink):
         return "keras3"
     return None
 
 
 def _link_target(group, name: str, path: str):
-    """The object behind ``group[name]``, through hard and in-file soft links only."""
+    """The object behind ``group[name]``: hard links only.
+
+    An external link would open another file; Keras writes no soft links, and one
+    could dangle, loop or lead through an external link, so neither is followed.
+    """
     import h5py
 
-    for _ in range(16):
-        link = group.get(name, getlink=True)
-        if link is None:
-            raise InputError(f"{path!r}: {group.name}/{name} is missing")
-        if isinstance(link, h5py.ExternalLink):
-            raise InputError(f"{path!r}: {group.name}/{name} is an external link to "
-                             f"{link.filename!r}; refusing to read other files")
-        if isinstance(link, h5py.SoftLink):
-            name = link.path
-            group = group.file if name.startswith("/") else group
-            continue
-        try:
-            return group[name]
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{path!r}: {group.name}/{name} cannot be opened "
-                             f"({' '.join(str(exc).split())[:80]})") from None
-    raise InputError(f"{path!r}: {group.name}/{name} is a chain of soft links (a loop?)")
+    link = group.get(name, getlink=True)
+    where = f"{group.name.rstrip('/')}/{name}"
+    if link is None:
+        raise InputError(f"{path!r}: {where} is missing")
+    if isinstance(link, h5py.ExternalLink):
+        raise InputError(f"{path!r}: {where} is an external link to {link.filename!r}; "
+                         "refusing to read other files")
+    if not isinstance(link, h5py.HardLink):
+        raise InputError(f"{path!r}: {where} is a soft link; only stored objects are read")
+    try:
+        return group[name]
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        raise InputError(f"{path!r}: {where} cannot be opened "
+                         f"({' '.join(str(exc).split())[:80]})") from None
 
 
 def _walk(group, rel: str, path: str):
@@ -222,9 +231,9 @@ def _keras3_layers(group, prefix: str, path: str, found: list, depth: int = 0) -
         g = _link_target(layers, name, path)
         if not isinstance(g, h5py.Group):
             continue
-        if "layers" in g:
+        if _has(g, "layers"):
             _keras3_layers(g, f"{prefix}{name}/", path, found, depth + 1)
-        if "vars" in g:
+        if _has(g, "vars"):
             found.append((f"{prefix}{name}", g))
 
 
@@ -252,7 +261,7 @@ def _keras3(f, path: str, config: list[tuple[str, str]] | None = None):
     for name, g in found:
         vars_ = _walk(g, "vars", path)
         for i, kind in _kind_parts(name.rsplit("/", 1)[-1], classes.get(name)):
-            if i not in vars_:
+            if not _has(vars_, i):
                 continue
             obj = _link_target(vars_, i, path)
             if _ndim(obj) == 4 and obj.dtype.kind == "f":
