@@ -34,9 +34,11 @@ A separable conv gives two conv layers (depthwise, then the 1x1 pointwise), as i
 an ONNX export. Transposed convs are left out (as ONNX ``ConvTranspose``).
 ``conv_depth`` is the position of the kernel in layer order.
 
-The file is hostile input: only objects reached through hard links are read, never
-soft or external links, external raw storage or virtual datasets, and a
-dataset whose declared size its storage cannot hold is refused before it is read.
+The file is hostile input and is read with the dataset reader's guards
+(:func:`convert.read.node`, :func:`convert.read.check_storage`): only objects
+reached through hard links, never soft or external links, external raw storage or
+virtual datasets, and a dataset whose declared size its storage cannot hold is
+refused before it is read.
 """
 
 from __future__ import annotations
@@ -50,16 +52,12 @@ import numpy as np
 from filterdb_dask.errors import InputError
 
 from .onnx_extract import ConvLayer, ModelInfo, file_sha256
+from .read import check_storage, has_link, node
 from .statedict import is_transposed
 
 CONFIG_CAP = 16 << 20  # bytes of a model_config attribute
 MAX_NESTING = 32  # models inside models in a Keras 3 file
-MAX_RATIO = 1100  # declared / stored bytes of a compressed dataset (gzip tops out ~1000x)
-
-
-def _has(group, name: str) -> bool:
-    """Whether ``group`` has a link ``name`` (of any kind), without following it."""
-    return group.get(name, getlink=True) is not None
+MAX_RATIO = 1100  # uncompressed / compressed size of a .keras archive's weights
 
 
 def keras_layout(f) -> str | None:
@@ -77,63 +75,28 @@ def keras_layout(f) -> str | None:
     return None
 
 
-def _link_target(group, name: str, path: str):
-    """The object behind ``group[name]``: hard links only.
-
-    An external link would open another file; Keras writes no soft links, and one
-    could dangle, loop or lead through an external link, so neither is followed.
-    """
-    import h5py
-
-    link = group.get(name, getlink=True)
-    where = f"{group.name.rstrip('/')}/{name}"
-    if link is None:
-        raise InputError(f"{path!r}: {where} is missing")
-    if isinstance(link, h5py.ExternalLink):
-        raise InputError(f"{path!r}: {where} is an external link to {link.filename!r}; "
-                         "refusing to read other files")
-    if not isinstance(link, h5py.HardLink):
-        raise InputError(f"{path!r}: {where} is a soft link; only stored objects are read")
-    try:
-        return group[name]
-    except (KeyError, ValueError, RuntimeError, OSError) as exc:
-        raise InputError(f"{path!r}: {where} cannot be opened "
-                         f"({' '.join(str(exc).split())[:80]})") from None
-
-
 def _walk(group, rel: str, path: str):
-    """``group[rel]`` one path component at a time, each checked by :func:`_link_target`."""
+    """``group[rel]`` one path component at a time, each through :func:`convert.read.node`
+    (hard links only; external links, soft links, external and virtual data refused)."""
     import h5py
 
     obj = group
     for part in [p for p in rel.split("/") if p]:
         if not isinstance(obj, h5py.Group):
             raise InputError(f"{path!r}: {obj.name} is not a group")
-        obj = _link_target(obj, part, path)
+        obj = node(obj, part)
     return obj
 
 
 def _read_dataset(obj, path: str) -> np.ndarray:
-    """A dataset's values, refusing indirection and storage that cannot hold it."""
+    """A dataset's numbers; its storage must hold what it declares (``check_storage``)."""
     import h5py
 
     if not isinstance(obj, h5py.Dataset):
         raise InputError(f"{path!r}: {obj.name} is not a dataset")
-    if obj.is_virtual:
-        raise InputError(f"{path!r}: {obj.name} is a virtual dataset; refusing to read other "
-                         "files through it")
-    if obj.external:
-        raise InputError(f"{path!r}: {obj.name} keeps its data in external files "
-                         f"{[e[0] for e in obj.external][:3]!r}; refusing to read them")
     if obj.dtype.kind not in "fiu" or obj.dtype.itemsize > 8 or obj.shape is None:
         raise InputError(f"{path!r}: {obj.name} holds {obj.dtype} {obj.shape!r}, not numbers")
-    need = int(np.prod(obj.shape, dtype=object)) * obj.dtype.itemsize
-    have = obj.id.get_storage_size()
-    compressed = bool(obj.id.get_create_plist().get_nfilters())
-    if (have < need and not compressed) or need > MAX_RATIO * have + (1 << 20):
-        raise InputError(f"{path!r}: {obj.name} declares {obj.shape!r} {obj.dtype} "
-                         f"({need:,} bytes) but stores {have:,}; the file is truncated or "
-                         "crafted")
+    check_storage(obj)
     try:
         return obj[()]
     except (OSError, ValueError) as exc:
@@ -228,12 +191,12 @@ def _keras3_layers(group, prefix: str, path: str, found: list, depth: int = 0) -
     if not isinstance(layers, h5py.Group):
         raise InputError(f"{path!r}: {layers.name} is not a group")
     for name in layers:
-        g = _link_target(layers, name, path)
+        g = node(layers, name)
         if not isinstance(g, h5py.Group):
             continue
-        if _has(g, "layers"):
+        if has_link(g, "layers"):
             _keras3_layers(g, f"{prefix}{name}/", path, found, depth + 1)
-        if _has(g, "vars"):
+        if has_link(g, "vars"):
             found.append((f"{prefix}{name}", g))
 
 
@@ -261,13 +224,13 @@ def _keras3(f, path: str, config: list[tuple[str, str]] | None = None):
     for name, g in found:
         vars_ = _walk(g, "vars", path)
         for i, kind in _kind_parts(name.rsplit("/", 1)[-1], classes.get(name)):
-            if not _has(vars_, i):
+            if not has_link(vars_, i):
                 continue
-            obj = _link_target(vars_, i, path)
+            obj = node(vars_, i)
             if _ndim(obj) == 4 and obj.dtype.kind == "f":
                 picked.append((f"{name}/vars/{i}", kind, obj, name))
     picked.sort(key=lambda t: (order.get(t[3], len(order)), _natural(t[0])))
-    return [(node, kind, _read_dataset(obj, path)) for node, kind, obj, _ in picked]
+    return [(where, kind, _read_dataset(obj, path)) for where, kind, obj, _ in picked]
 
 
 def _config_layers(cfg, path: str) -> list[tuple[str, str]]:
@@ -362,9 +325,9 @@ def read_keras(path: str, *, name: str | None = None) -> ModelInfo:
                              "attribute, no layers/ group)")
         kernels = _keras2(f, path) if layout == "keras2" else _keras3(f, path, config)
     layers = []
-    for i, (node, kind, k) in enumerate(kernels):
+    for i, (where, kind, k) in enumerate(kernels):
         w = _to_filters(k, kind)
-        layers.append(ConvLayer(node=node, op="Conv", conv_depth=i,
+        layers.append(ConvLayer(node=where, op="Conv", conv_depth=i,
                                 kernel=(int(w.shape[2]), int(w.shape[3])), weights=w))
     stem = os.path.basename(path)
     for ext in (".weights.h5", ".h5", ".hdf5", ".keras"):
