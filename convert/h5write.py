@@ -98,7 +98,8 @@ def write_dataset(
     dtype, shape = FILTER_LAYOUTS[layout]
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        # "w-": never write through a file or symlink someone placed at that name
+        with h5py.File(tmp, "w-", libver="earliest", track_order=False) as f:
             dset = f.create_dataset(name, shape=(n_filters, *shape), dtype=dtype)
             done = 0
             for piece in pieces:

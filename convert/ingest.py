@@ -312,7 +312,7 @@ def _append_h5(path: str, meta, new: pd.DataFrame, x: np.ndarray) -> None:
     if meta is None:
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w-") as f:  # never through a file placed at that name
                 f.create_dataset("filter", data=x.astype(np.float32), maxshape=(None, 9),
                                  chunks=(min(len(x), 1 << 16), 9))
                 write_meta(f, _combined_meta(None, new), meta_format="table")

@@ -456,3 +456,15 @@ def test_pytables_filters_attribute_decodes_to_its_settings():
     evil = pickle.dumps(tables.Filters(), 0).replace(b"Vcomplevel", b"V__class__")
     with pytest.raises(UnsafePickleError, match="gives tables' Filters a state other"):
         decode(evil, where="x")
+
+
+def test_temporary_file_name_taken_by_a_symlink_is_not_written_through(tmp_path, model):
+    from convert.ingest import ingest
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    target = tmp_path / "new.h5"
+    os.symlink(victim, f"{target}.tmp-{os.getpid()}")
+    with pytest.raises(OSError):
+        ingest([model], str(target))
+    assert victim.read_text() == "keep me" and not target.exists()
