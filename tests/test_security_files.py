@@ -97,10 +97,17 @@ def system_venv(tmp_path_factory):
     return python
 
 
-@pytest.fixture(params=["project", pytest.param("system", marks=pytest.mark.slow)])
+@pytest.fixture(params=["project", pytest.param("system", marks=pytest.mark.slow),
+                        pytest.param("env", marks=pytest.mark.slow)])
 def python(request):
+    """The interpreter the CLI runs under; ``FILTERDB_TEST_PYTHON`` adds any other one."""
     if request.param == "project":
         return sys.executable
+    if request.param == "env":
+        other = os.environ.get("FILTERDB_TEST_PYTHON")
+        if not other:
+            pytest.skip("set FILTERDB_TEST_PYTHON to run the corpus under another Python")
+        return other
     return request.getfixturevalue("system_venv")
 
 
