@@ -1,4 +1,4 @@
-"""Extract conv kernels and model statistics from an ONNX file (METHOD.md §1).
+"""Extract conv kernels and model statistics from an ONNX file (docs/method.md §1).
 
 Every 2-D convolution (``Conv``, ``ConvInteger``, ``QLinearConv``) is read; its
 weights are found wherever exporters put them: initializers, ``Constant`` nodes,

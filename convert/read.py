@@ -1,4 +1,4 @@
-"""Safe reading of a CNN Filter DB ``dataset.h5`` (METHOD.md §1).
+"""Safe reading of a CNN Filter DB ``dataset.h5`` (docs/method.md §1).
 
 The filters are read with h5py; the ``/meta`` table written by ``pandas.HDFStore``
 (fixed or table format) is rebuilt from the raw HDF5 objects with h5py, never with
@@ -187,7 +187,7 @@ def has_link(group: h5py.Group, name: str) -> bool:
 
 
 def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Dataset:
-    """The filter dataset: ``name``, else 'filter' or 'filters' (METHOD §1)."""
+    """The filter dataset: ``name``, else 'filter' or 'filters' (docs/method.md §1)."""
     names = [name] if name else [n for n in FILTER_NAMES if has_link(f, n)]
     if name and not has_link(f, name):
         raise InputError(f"{path!r} has no dataset {name!r} (it holds {sorted(f)!r})")
@@ -557,7 +557,7 @@ def parse_filter_ids(values, n_filters: int, path: str) -> tuple[np.ndarray, np.
 
 
 def normalize_meta(meta: pd.DataFrame, n_filters: int, path: str) -> tuple[pd.DataFrame, int]:
-    """Clean the meta table (METHOD §1) and add ``start``/``stop``.
+    """Clean the meta table (docs/method.md §1) and add ``start``/``stop``.
 
     Index levels named model_id/conv_depth/conv_depth_norm are also made columns;
     v0.1.0's ``Datatype`` becomes ``Visual Category``; every ``Task`` containing
@@ -590,7 +590,7 @@ def normalize_meta(meta: pd.DataFrame, n_filters: int, path: str) -> tuple[pd.Da
 
 
 def clean_task(task: pd.Series) -> pd.Series:
-    """Every value containing 'Segmentation' becomes 'Segmentation' (METHOD §1)."""
+    """Every value containing 'Segmentation' becomes 'Segmentation' (docs/method.md §1)."""
     out = task.astype(object).copy()
     seg = out.map(lambda v: isinstance(v, str) and "Segmentation" in v).astype(bool)
     out[seg] = "Segmentation"

@@ -1,6 +1,6 @@
 """A realistic synthetic ``dataset.h5`` in the published CNN Filter DB layout.
 
-The file is what the Zenodo release looks like (METHOD.md §1): one filter dataset
+The file is what the Zenodo release looks like (docs/method.md §1): one filter dataset
 (``filter`` or ``filters``; float32 ``(N, 9)`` or float64 ``(N, 3, 3)``) and a
 ``/meta`` DataFrame written by ``pandas.HDFStore`` with the MultiIndex
 ``[model_id, conv_depth, conv_depth_norm]`` and inclusive ``"start:end"`` filter ids.

@@ -273,7 +273,7 @@ def analyze(
     verbosity: int | None = None,
     execution: cluster.Execution | None = None,
 ) -> Results:
-    """Run the analysis of METHOD.md on a store, in three passes.
+    """Run the analysis of docs/method.md on a store, in three passes.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Groupings of meta rows (layers): a meta column, or the depth decile (METHOD §4).
+"""Groupings of meta rows (layers): a meta column, or the depth decile (docs/method.md §4).
 
 A grouping assigns every meta row a group label. Missing values form their own
 group labelled ``"nan"``. Labels come in natural order: sorted values (numbers

@@ -1,4 +1,4 @@
-"""Coefficient range, 2-D density and per-layer histograms (METHOD §3-4, §6).
+"""Coefficient range, 2-D density and per-layer histograms (docs/method.md §3-4, §6).
 
 Pass 2 needs the PCA: it finds the global coefficient range ``[lo, hi]`` and the
 2-D density of coefficients 0 vs 1. Pass 3 needs the range: it bins all 9

@@ -1,4 +1,4 @@
-"""Pure numpy per-chunk kernels of the CNN Filter DB method (METHOD.md §2-7).
+"""Pure numpy per-chunk kernels of the CNN Filter DB method (docs/method.md §2-7).
 
 Nothing here knows about Dask: every function takes and returns numpy arrays, so
 their composition is the in-memory path and the oracle the graph builders are
@@ -54,7 +54,7 @@ __all__ = [
     "ridge_densities",
 ]
 
-#: float32 machine epsilon, the value an empty bin gets before normalising (METHOD §5)
+#: float32 machine epsilon, the value an empty bin gets before normalising (docs/method.md §5)
 EPS_KL = float(np.finfo(np.float32).eps)
 
 # Column layout of the per-layer statistics of pass 1 (``layer_stats_chunk``).
@@ -67,13 +67,13 @@ STAT_VE_CLEAN = 93
 STAT_N_CLEAN = 94
 N_STATS = 95
 
-#: (l, x0, k, b) of the logistic fit T(n) of the maximal variance entropy (METHOD §7)
+#: (l, x0, k, b) of the logistic fit T(n) of the maximal variance entropy (docs/method.md §7)
 ENTROPY_FIT = (1.2618047, 2.30436435, 0.88767525, -0.31050834)
 
 
 # --------------------------------------------------------------------------- scaling
 def scale_filters(x: np.ndarray) -> np.ndarray:
-    """Divide each filter by its absolute peak (METHOD §2).
+    """Divide each filter by its absolute peak (docs/method.md §2).
 
     Parameters
     ----------
@@ -185,7 +185,7 @@ def _centred_scatter(w: np.ndarray) -> np.ndarray:
 
 
 def variance_entropy_from_scatter(scatter: np.ndarray, n: int | np.ndarray) -> np.ndarray:
-    """Variance entropy (base 10) from centred 9x9 scatter matrices (METHOD §7).
+    """Variance entropy (base 10) from centred 9x9 scatter matrices (docs/method.md §7).
 
     The eigenvalues of the scatter are the squared singular values of the centred
     filters, so ``v = eig / (n - 1)`` and the entropy of ``v / sum(v)`` follow.
@@ -252,7 +252,7 @@ def moments_combine(
 
 
 def pca_finalize(n: float, mean: np.ndarray, m2: np.ndarray) -> dict[str, np.ndarray]:
-    """PCA from merged moments: covariance with the n-1 denominator (METHOD §3).
+    """PCA from merged moments: covariance with the n-1 denominator (docs/method.md §3).
 
     Returns
     -------
@@ -294,7 +294,7 @@ def pca_finalize(n: float, mean: np.ndarray, m2: np.ndarray) -> dict[str, np.nda
 
 
 def quality_finalize(stats: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-layer quality table columns from pass-1 statistics (METHOD §7)."""
+    """Per-layer quality table columns from pass-1 statistics (docs/method.md §7)."""
     n = stats[:, STAT_N]
     n_clean = stats[:, STAT_N_CLEAN]
     ve = stats[:, STAT_VE]
@@ -433,7 +433,7 @@ def histogram_chunk(
 
 # ------------------------------------------------------------------------------ KL
 def kl_probabilities(counts: np.ndarray, bin_width: float) -> np.ndarray:
-    """Densities with empty bins set to float32 eps, normalised (METHOD §5).
+    """Densities with empty bins set to float32 eps, normalised (docs/method.md §5).
 
     Parameters
     ----------
@@ -479,7 +479,7 @@ def symmetric_kl_matrix(p: np.ndarray) -> np.ndarray:
 def shift_matrix(
     group_counts: np.ndarray, bin_width: float, weights: np.ndarray
 ) -> np.ndarray:
-    """Distribution-shift matrix ``D(g, h) = sum_k w_k S(p_gk, p_hk)`` (METHOD §5).
+    """Distribution-shift matrix ``D(g, h) = sum_k w_k S(p_gk, p_hk)`` (docs/method.md §5).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Distribution-shift (KL) matrices between groups and the drift summary (METHOD §5)."""
+"""Distribution-shift (KL) matrices between groups and the drift summary (docs/method.md §5)."""
 
 from __future__ import annotations
 

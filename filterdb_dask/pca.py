@@ -1,4 +1,4 @@
-"""PCA of the scaled filters from mergeable per-layer moments (METHOD §2-3).
+"""PCA of the scaled filters from mergeable per-layer moments (docs/method.md §2-3).
 
 Pass 1 computes, per layer, the count, mean and centred 9x9 scatter of the
 scaled filters (plus the layer-quality statistics, which need the same pass).

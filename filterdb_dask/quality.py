@@ -1,4 +1,4 @@
-"""Layer quality (METHOD §7): tables of every layer, degenerated layers, models."""
+"""Layer quality (docs/method.md §7): tables of every layer, degenerated layers, models."""
 
 from __future__ import annotations
 

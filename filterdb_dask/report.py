@@ -36,7 +36,7 @@ MAX_SIDE_PX = 2400
 MAX_FIG_INCHES = 18.0
 #: vertical extent of a ridge curve's highest point, in rows (curves overlap the row above)
 RIDGE_OVERLAP = 1.5
-#: density image lower limit (METHOD: log colour scale from 1e-5)
+#: density image lower limit (docs/method.md §6: log colour scale from 1e-5)
 DENSITY_VMIN = 1e-5
 
 #: the report build in progress: its start and verbosity (for the progress lines)
@@ -409,12 +409,21 @@ def _table(df: pd.DataFrame, n: int = 20) -> str:
 def write_report(out: str, *, verbosity: int | None = None) -> str:
     """Build ``out/report.html`` (images embedded) and ``out/plots/*.png``.
 
-    Returns the report's path.
+    The figures are those of docs/method.md §6.
+
+    Parameters
+    ----------
+    out : a result directory written by ``Results.write`` / ``analyze --out``.
+    verbosity : 0 quiet; otherwise one line per figure on stderr (default 1).
+
+    Returns
+    -------
+    str, the absolute path of ``report.html``.
 
     Raises
     ------
     AnalysisError
-        ``out`` is not a complete analysis directory.
+        ``out`` does not exist or is not a complete result set.
     """
     import xarray as xr
 

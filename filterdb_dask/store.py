@@ -96,6 +96,19 @@ class FilterStore:
         return out
 
 
+def _validate_not_a_source(path: str) -> None:
+    """A ``dataset.h5`` given where a store is expected: say to convert it first."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    what = "an HDF5 file (a filter DB source)" if head == b"\x89HDF\r\n\x1a\n" else "a file"
+    raise StoreError(
+        f"{path!r} is {what}, not a converted store: run 'filterdb-dask convert {path} "
+        "STORE.zarr' first, then analyse STORE.zarr"
+    )
+
+
 def open_store(path: str | os.PathLike) -> FilterStore:
     """Open a complete filter store, checked against its own record.
 
@@ -122,6 +135,7 @@ def open_store(path: str | os.PathLike) -> FilterStore:
     >>> store.filters                                  # doctest: +SKIP
     dask.array<filters, shape=(1464797156, 9), dtype=float32, ...>
     """
+    _validate_not_a_source(os.fspath(path))
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph

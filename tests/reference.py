@@ -1,4 +1,4 @@
-"""An in-memory reference of METHOD.md written straight from the text.
+"""An in-memory reference of docs/method.md written straight from the text.
 
 numpy / scipy / scikit-learn only, whole arrays in memory, loops where the text
 loops. It shares no code with filterdb_dask, so the two can check each other.

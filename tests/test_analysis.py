@@ -1,4 +1,4 @@
-"""The Dask analysis against the in-memory reference of METHOD.md, across chunkings."""
+"""The Dask analysis against the in-memory reference of docs/method.md, across chunkings."""
 
 from __future__ import annotations
 
