@@ -56,6 +56,6 @@ def test_no_source_cites_a_page_outside_the_repository():
     for top in ("filterdb_dask", "convert"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
             for name in files:
-                if name.endswith(".py"):
+                if name.endswith((".py", ".yaml")):
                     text = open(os.path.join(dirpath, name), encoding="utf-8").read()
                     assert "METHOD" not in text, os.path.join(dirpath, name)
