@@ -51,7 +51,20 @@ def built(synth_store, synth_h5, tmp_path_factory):
     res = analyze(synth_store, verbosity=0)
     res.write(out)
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    drawn: dict = {}
+
+    def spy(name):
+        real = getattr(R, name)
+
+        def wrapper(*args, **kwargs):
+            drawn.setdefault(name, []).append(args)
+            return real(*args, **kwargs)
+        return wrapper
+
+    # record what write_report hands the figure functions (the wiring, not just the parts)
+    with contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as mp:
+        for name in ("fig_covariance", "fig_density", "fig_ridge", "fig_eigenimages"):
+            mp.setattr(R, name, spy(name))
         R.write_report(out, verbosity=1)
     import h5py
 
@@ -63,11 +76,31 @@ def built(synth_store, synth_h5, tmp_path_factory):
     xs = ref.scale(x[rows])
     pca = PCA(n_components=9, svd_solver="full").fit(xs)
     layer_of_row = np.repeat(np.arange(len(meta)), (meta["stop"] - meta["start"]).to_numpy())
-    return {"out": out, "stderr": err.getvalue(), "res": res, "xs": xs, "pca": pca,
+    return {"out": out, "stderr": err.getvalue(), "drawn": drawn, "res": res, "xs": xs, "pca": pca,
             "coefs": pca.transform(xs), "layer": layer_of_row}
 
 
 # ---------------------------------------------------------------------- plotted arrays
+def test_the_report_draws_the_notebook_arrays(built):
+    """write_report hands each figure the notebook's array, not a look-alike."""
+    (sigma,), = built["drawn"]["fig_covariance"]
+    np.testing.assert_allclose(sigma, built["pca"].get_covariance(), rtol=1e-9, atol=1e-12)
+    (counts, *_), = built["drawn"]["fig_density"]
+    c = built["coefs"]
+    h, _, _ = np.histogram2d(c[:, 0], c[:, 1], bins=512, range=[[-3.3, 3.3], [-3.3, 3.3]])
+    assert np.abs(R.density_image(counts) * h.max() - h.T).sum() <= 4
+    res = built["res"]
+    ridges = {args[3]: args for args in built["drawn"]["fig_ridge"]}
+    g = res.grouping("Task")
+    x, dens, labels, _ = next(a for t, a in ridges.items() if "Task" in t)
+    rd = res.ridge(g.slug)
+    np.testing.assert_allclose(x, rd["x"])
+    keep = [list(g.labels).index(lab) for lab in labels]
+    np.testing.assert_allclose(dens, rd["density"][keep])
+    (rows,), = built["drawn"]["fig_eigenimages"]
+    assert len(rows) == 1 + len(res.subsets)
+
+
 def test_covariance_is_sklearn_get_covariance(built):
     with open(os.path.join(built["out"], "pca.json")) as fh:
         pca = json.load(fh)
