@@ -6,6 +6,9 @@ filter dataset is extendable) or to a converted store (new chunks are added; wha
 is there is not rewritten). Models get new ids after the largest one present.
 A model whose content hash is already in the DB is refused unless ``force``.
 A model without 3x3 kernels is skipped with a warning: it has no rows to add.
+Fields beyond the descriptive ones (``--meta epoch=5``, or a meta file's other
+columns) become meta columns of their own, so a series of checkpoints ingested in
+a loop can later be grouped by epoch.
 """
 
 from __future__ import annotations
@@ -166,6 +169,41 @@ def load_side_info(path: str | None) -> dict[str, dict]:
     return table
 
 
+def parse_meta_values(items) -> dict:
+    """``["epoch=5", "lr=1e-3", "run=a"]`` -> ``{"epoch": 5, "lr": 0.001, "run": "a"}``.
+
+    A value that reads as an integer is stored as one, else as a finite float,
+    else as text, so numeric columns group and sort numerically.
+
+    Raises
+    ------
+    InputError
+        An item without ``=``, with an empty name, or a name given twice.
+    """
+    out: dict = {}
+    for item in items or ():
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--meta {str(item)[:80]!r} must read NAME=VALUE (e.g. epoch=5)")
+        if key in out:
+            raise InputError(f"--meta {key[:40]!r} is given twice")
+        out[key] = _meta_value(text.strip())
+    return out
+
+
+def _meta_value(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    return x if np.isfinite(x) else text
+
+
 def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tuple:
     """Meta rows and (n, 9) filters of one model, rows starting at ``start``."""
     layers = info.filter_layers()
@@ -198,6 +236,13 @@ def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tup
                for k, v in info.op_counts.items()},
             **{k: fields.get(k, np.nan) for k in DESCRIPTIVE},
         })
+        clash = [k for k in fields if k != "Name" and k not in DESCRIPTIVE
+                 and (k in rows[-1] or k in ("filter", "start", "stop", "chunk"))]
+        if clash:
+            raise InputError(f"meta field {clash[0][:40]!r} of {info.path!r} would replace a "
+                             "column ingest computes; give it another name")
+        rows[-1].update({k: v for k, v in fields.items()
+                         if k != "Name" and k not in DESCRIPTIVE})
         pos += len(w)
     return pd.DataFrame(rows), np.concatenate(blocks)
 

@@ -2,7 +2,10 @@
 
 A grouping assigns every meta row a group label. Missing values form their own
 group labelled ``"nan"``. Labels come in natural order: sorted values (numbers
-numerically, text alphabetically, "nan" last), depth deciles in depth order.
+numerically, text alphabetically, "nan" last), depth deciles in depth order. Text
+that reads as a finite number (``"2"``, ``"1e-3"``) counts as that number, so a
+column of epochs, steps or learning rates orders ``2`` before ``10`` however it
+was stored.
 """
 
 from __future__ import annotations
@@ -54,11 +57,15 @@ def depth_decile_codes(depth_norm: np.ndarray) -> np.ndarray:
 
 
 def _sort_key(v):
-    if isinstance(v, bool | np.bool_):
-        return (0, float(v), "")
-    if isinstance(v, int | float | np.integer | np.floating):
-        return (0, float(v), "")
-    return (1, 0.0, str(v))
+    """Numbers (and text that reads as a finite number) by value, then other text."""
+    if isinstance(v, bool | np.bool_ | int | float | np.integer | np.floating):
+        return (0, float(v), str(v))
+    text = str(v)
+    try:
+        x = float(text)
+    except (ValueError, OverflowError):
+        return (1, 0.0, text)
+    return (0, x, text) if np.isfinite(x) else (1, 0.0, text)
 
 
 def make_grouping(meta: pd.DataFrame, by: str) -> Grouping:

@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--paper", help="Paper of every model")
     g.add_argument("--meta-file", help="CSV (column 'model' = file name) or YAML with "
                                        "per-model fields")
+    g.add_argument("--meta", action="append", metavar="NAME=VALUE",
+                   help="a meta column for every model given, e.g. epoch=5 (repeatable; "
+                        "numbers are stored as numbers)")
     g.add_argument("--force", action="store_true", help="add models already in the DB")
     return p
 
@@ -382,13 +385,14 @@ def cmd_report(args) -> int:
 def cmd_ingest(args) -> int:
     import warnings
 
-    from convert.ingest import ingest
+    from convert.ingest import ingest, parse_meta_values
 
     fields = {k: v for k, v in {
         "Task": args.task, "Visual Category": args.category,
         "Training-Dataset": args.training_dataset,
         "Pretraining-Dataset": args.pretraining_dataset, "Paper": args.paper,
     }.items() if v is not None}
+    fields.update(parse_meta_values(args.meta))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = ingest(args.models, args.into, fields=fields, meta_file=args.meta_file,

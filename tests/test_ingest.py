@@ -172,9 +172,9 @@ def test_append_to_store_keeps_existing_chunks(real_models, tmp_path):
     assert verify(store, verbosity=0).ok
 
 
-def _tiny_conv_model(path, kernels=((8, 3, 3, 3),), extra_1x1=False):
+def _tiny_conv_model(path, kernels=((8, 3, 3, 3),), extra_1x1=False, seed=0):
     nodes, inits, prev = [], [], "x"
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i, shape in enumerate(kernels):
         w = rng.normal(size=shape).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
@@ -273,3 +273,48 @@ def test_qlinearconv_weights_are_dequantized(tmp_path):
     np.testing.assert_allclose(info.layers[0].weights,
                                w.astype(np.float64) * ws[:, None, None, None], rtol=1e-6)
     assert info.op_counts == {"QLinearConv": 1}
+
+
+def test_meta_per_model_on_the_command_line_then_numeric_order(tmp_path):
+    from convert.write import convert
+    from filterdb_dask import analyze
+    from filterdb_dask.run import main
+
+    h5 = str(tmp_path / "ckpt.h5")
+    # epochs ingested out of order, one call each: the checkpoint loop of the README
+    for epoch in (10, 2, 1):
+        m = _tiny_conv_model(str(tmp_path / f"e{epoch}.onnx"),
+                             kernels=((16, 3, 3, 3), (16, 16, 3, 3)), seed=epoch)
+        assert main(["ingest", m, "--into", h5, "--meta", f"epoch={epoch}",
+                     "--meta", "lr=1e-3", "--meta", "run=a"]) == 0
+    meta = read_source(h5).meta
+    per_model = meta.groupby("model")[["epoch", "lr", "run"]].first()
+    assert per_model.loc["e10.onnx"].tolist() == [10, 0.001, "a"]
+    assert meta["epoch"].dtype == np.int64 and meta["lr"].dtype == np.float64
+    store = str(tmp_path / "ckpt.zarr")
+    convert(h5, store, verbosity=0)
+    res = analyze(store, by=["epoch"], verbosity=0)
+    assert list(res.kl["epoch"].index) == ["1", "2", "10"]
+    res.write(str(tmp_path / "out"))
+    with open(tmp_path / "out" / "kl" / "epoch.csv") as fh:
+        assert fh.readline().strip().split(",") == ["epoch", "1", "2", "10"]
+
+
+def test_bad_meta_values(tmp_path):
+    from convert.ingest import parse_meta_values
+    from filterdb_dask.run import main
+
+    assert parse_meta_values(["a=1", "b= 2.5 ", "c=x", "d=nan", "e="]) == {
+        "a": 1, "b": 2.5, "c": "x", "d": "nan", "e": ""}
+    with pytest.raises(InputError, match="must read NAME=VALUE"):
+        parse_meta_values(["epoch"])
+    with pytest.raises(InputError, match="must read NAME=VALUE"):
+        parse_meta_values(["=5"])
+    with pytest.raises(InputError, match="'epoch' is given twice"):
+        parse_meta_values(["epoch=1", "epoch=2"])
+    m = _tiny_conv_model(str(tmp_path / "m.onnx"))
+    with pytest.raises(InputError, match="'conv_depth' of .* would replace a column"):
+        ingest([m], str(tmp_path / "db.h5"), fields={"conv_depth": 3})
+    assert not (tmp_path / "db.h5").exists()
+    assert main(["ingest", m, "--into", str(tmp_path / "db.h5"), "--meta", "layer=1"]) == 1
+    assert not (tmp_path / "db.h5").exists()
