@@ -25,88 +25,71 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels import N_STATS, STAT_N, STAT_N_CLEAN, STAT_SPARSITY, variance_entropy_from_scatter
+from .kernels import (
+    N_STATS,
+    STAT_N,
+    STAT_N_CLEAN,
+    STAT_SPARSITY,
+    validate_fine_edges,
+    variance_entropy_from_scatter,
+)
 
 BLOCK = 256
+NF = 9  # values per filter (3x3); a compile-time constant for the loops
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
 @njit(**_OPTS)
 def _scale_block(x, r0, n, S, P):
     """Peaks P[:n] and scaled filters S[:, :n] (feature-major) of rows r0..r0+n."""
-    d = x.shape[1]
     for r in range(n):
-        p = 0.0
-        for j in range(d):
-            v = abs(np.float64(x[r0 + r, j]))
-            if v > p:
-                p = v
-        P[r] = p
-    for j in range(d):
+        for j in range(NF):
+            S[j, r] = np.float64(x[r0 + r, j])
+    for r in range(n):
+        P[r] = abs(S[0, r])
+    for j in range(1, NF):
+        for r in range(n):
+            v = abs(S[j, r])
+            P[r] = v if v > P[r] else P[r]
+    for j in range(NF):
         for r in range(n):
             p = P[r]
-            S[j, r] = np.float64(x[r0 + r, j]) / p if p > 0 else 0.0
+            q = S[j, r] / p
+            S[j, r] = q if p > 0 else 0.0
 
 
 @njit(**_OPTS)
 def _project_block(S, n, mean, comps, C):
-    """C[k, :n] = sum_j (S[j] - mean[j]) * comps[k, j], left to right (no fast-math)."""
-    d = S.shape[0]
-    for k in range(comps.shape[0]):
-        m0 = mean[0]
-        v0 = comps[k, 0]
+    """C[k, :n] = sum_j (S[j] - mean[j]) * comps[k, j], left to right (no fast-math).
+
+    S is overwritten with S - mean. The nine terms of each coefficient are written
+    out, so that C[k] stays in a register across them and the row loop vectorises.
+    """
+    for j in range(NF):
+        mj = mean[j]
         for r in range(n):
-            C[k, r] = (S[0, r] - m0) * v0
-        for j in range(1, d):
-            mj = mean[j]
-            vj = comps[k, j]
-            for r in range(n):
-                C[k, r] = C[k, r] + (S[j, r] - mj) * vj
-
-
-@njit(**_OPTS)
-def _bin_block(C, k, n, edges, scale, idx):
-    """Bin indices idx[:n] of C[k, :n] on uniform ``edges`` (numpy rules), -1 outside."""
-    nb = edges.shape[0] - 1
-    lo = edges[0]
-    hi = edges[nb]
-    for r in range(n):
-        v = C[k, r]
-        g = (v - lo) * scale
-        i = np.intp(g) if g > 0 else 0
-        if i > nb - 1:
-            i = nb - 1
-        idx[r] = i
-    for r in range(n):
-        v = C[k, r]
-        i = idx[r]
-        if v < edges[i]:
-            i -= 1
-        elif i != nb - 1 and v >= edges[i + 1]:
-            i += 1
-        if not (v >= lo and v <= hi):
-            i = -1
-        idx[r] = i
-
-
-@njit(**_OPTS)
-def _bin_searchsorted(v, edges, scale):
-    nb = edges.shape[0] - 1
-    lo = edges[0]
-    hi = edges[nb]
-    if not (v >= lo and v <= hi):
-        return -1
-    if v == hi:
-        return nb - 1
-    g = (v - lo) * scale
-    i = np.intp(g) if g > 0 else 0
-    if i > nb - 1:
-        i = nb - 1
-    while i > 0 and v < edges[i]:
-        i -= 1
-    while i < nb - 1 and v >= edges[i + 1]:
-        i += 1
-    return i
+            S[j, r] = S[j, r] - mj
+    for k in range(comps.shape[0]):
+        v0 = comps[k, 0]
+        v1 = comps[k, 1]
+        v2 = comps[k, 2]
+        v3 = comps[k, 3]
+        v4 = comps[k, 4]
+        v5 = comps[k, 5]
+        v6 = comps[k, 6]
+        v7 = comps[k, 7]
+        v8 = comps[k, 8]
+        for r in range(n):
+            acc = S[0, r] * v0
+            acc = acc + S[1, r] * v1
+            acc = acc + S[2, r] * v2
+            acc = acc + S[3, r] * v3
+            acc = acc + S[4, r] * v4
+            acc = acc + S[5, r] * v5
+            acc = acc + S[6, r] * v6
+            acc = acc + S[7, r] * v7
+            acc = acc + S[8, r] * v8
+            C[k, r] = acc
 
 
 # ---------------------------------------------------------------------- pass 1
@@ -270,116 +253,243 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------ binning
+def _tolerance(lo: float, hi: float, scale: float, nbins: int) -> float:
+    """Half-width (in bin units) of the band around each edge inside which a bin
+    guess ``(v - lo) * scale`` is not trusted.
+
+    The guess and the edges each carry a few roundings of at most half an ulp of
+    ``max(|lo|, |hi|)`` (scaled to bin units) or of ``nbins``; 64 such ulps bound
+    them with a wide margin. Outside the band the truncated guess is the bin the
+    edges define; inside it (about one value in 10^9) the exact search decides. A
+    range so narrow that the band is wide sends every value to the exact search.
+    """
+    m = max(abs(lo), abs(hi))
+    tol = max(1e-9, 64 * 2.0**-53 * (m * scale + nbins))
+    return tol if tol < 0.01 else 1.0
+
+
+@njit(**_OPTS)
+def _bin_fast(C, kk, n, lo, scale, nbins, tol, I):
+    """I[k, :n] = bin of C[k, :n] (k < kk) on uniform bins where the guess is
+    certain, else -1. Branch-free, so that it vectorises across rows."""
+    top = np.float64(nbins)
+    for k in range(kk):
+        for r in range(n):
+            g = (C[k, r] - lo) * scale
+            inside = (g >= 0.0) & (g < top)
+            gc = g if inside else 0.0
+            gi = np.int32(gc)
+            fr = gc - np.float64(gi)
+            good = inside & (fr > tol) & (fr < 1.0 - tol)
+            I[k, r] = gi if good else np.int32(-1)
+
+
+@njit(**_OPTS)
+def _coarse_numpy(v, edges):
+    """np.histogram's bin of v on uniform ``edges`` (its guess and one-step
+    correction, the last bin closed); -1 outside."""
+    nb = edges.shape[0] - 1
+    lo = edges[0]
+    hi = edges[nb]
+    if not (v >= lo and v <= hi):
+        return -1
+    i = np.intp(((v - lo) / (hi - lo)) * nb)
+    if i == nb:
+        i -= 1
+    if v < edges[i]:
+        i -= 1
+    elif i != nb - 1 and v >= edges[i + 1]:
+        i += 1
+    return i
+
+
+@njit(**_OPTS)
+def _fine_exact(v, edges, fedges, fscale, sub):
+    """Fine bin of v: numpy's coarse bin c, then the sub-bin s of c with
+    ``fedges[c*sub + s] <= v < fedges[c*sub + s + 1]`` (last closed); -1 outside."""
+    c = _coarse_numpy(v, edges)
+    if c < 0:
+        return -1
+    base = c * sub
+    s = np.intp((v - edges[0]) * fscale) - base
+    if s < 0:
+        s = 0
+    if s > sub - 1:
+        s = sub - 1
+    while s > 0 and v < fedges[base + s]:
+        s -= 1
+    while s < sub - 1 and v >= fedges[base + s + 1]:
+        s += 1
+    return base + s
+
+
+@njit(**_OPTS)
+def _bin_searchsorted(v, edges, scale):
+    """Bin of v as searchsorted on ``edges`` finds it (last bin closed), -1 outside."""
+    nb = edges.shape[0] - 1
+    lo = edges[0]
+    hi = edges[nb]
+    if not (v >= lo and v <= hi):
+        return -1
+    if v == hi:
+        return nb - 1
+    g = (v - lo) * scale
+    i = np.intp(g) if g > 0 else 0
+    if i > nb - 1:
+        i = nb - 1
+    while i > 0 and v < edges[i]:
+        i -= 1
+    while i < nb - 1 and v >= edges[i + 1]:
+        i += 1
+    return i
+
+
 # ---------------------------------------------------------------------- pass 2
 @njit(**_OPTS)
-def _range_density_core(x, bounds, mean, comps, dedges, rng, dens):
-    d = x.shape[1]
-    S = np.empty((d, BLOCK))
-    C = np.empty((comps.shape[0], BLOCK))
+def _range_density_core(x, bounds, mean, comps, dedges, dtol, rng, dens):
+    S = np.empty((NF, BLOCK))
+    C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
+    I = np.empty((NF, BLOCK), dtype=np.int32)
+    LO = np.full(BLOCK, np.inf)
+    HI = np.full(BLOCK, -np.inf)
     nb = dedges.shape[0] - 1
+    dlo = dedges[0]
     dscale = nb / (dedges[nb] - dedges[0])
-    lo = rng[0]
-    hi = rng[1]
     for li in range(bounds.shape[0]):
         for r0 in range(bounds[li, 0], bounds[li, 1], BLOCK):
             m = min(BLOCK, bounds[li, 1] - r0)
             _scale_block(x, r0, m, S, P)
             _project_block(S, m, mean, comps, C)
-            for k in range(C.shape[0]):
+            # min/max are exact in any order: lane-wise, so that it vectorises
+            for k in range(NF):
                 for r in range(m):
                     v = C[k, r]
-                    if v < lo:
-                        lo = v
-                    if v > hi:
-                        hi = v
+                    LO[r] = v if v < LO[r] else LO[r]
+                    HI[r] = v if v > HI[r] else HI[r]
+            _bin_fast(C, 2, m, dlo, dscale, nb, dtol, I)
             for r in range(m):
-                i0 = _bin_searchsorted(C[0, r], dedges, dscale)
-                i1 = _bin_searchsorted(C[1, r], dedges, dscale)
+                i0 = I[0, r]
+                if i0 < 0:
+                    i0 = _bin_searchsorted(C[0, r], dedges, dscale)
+                i1 = I[1, r]
+                if i1 < 0:
+                    i1 = _bin_searchsorted(C[1, r], dedges, dscale)
                 if i0 >= 0 and i1 >= 0:
-                    dens[i0, i1] += 1
+                    dens[i0 * nb + i1] += 1
+    lo = np.inf
+    hi = -np.inf
+    for r in range(BLOCK):
+        if LO[r] < lo:
+            lo = LO[r]
+        if HI[r] > hi:
+            hi = HI[r]
     rng[0] = lo
     rng[1] = hi
 
 
 def range_density_chunk(x, bounds, mean, components, density_edges):
     """Compiled :func:`filterdb_dask.kernels.range_density_chunk`."""
-    nb = len(density_edges) - 1
+    dedges = np.ascontiguousarray(density_edges, dtype=np.float64)
+    nb = len(dedges) - 1
     rng = np.array([np.inf, -np.inf])
-    dens = np.zeros((nb, nb), dtype=np.int64)
+    dens = np.zeros(nb * nb, dtype=np.int32)  # a chunk holds < 2**31 filters
     _range_density_core(
         np.ascontiguousarray(x),
         np.ascontiguousarray(bounds, dtype=np.int64).reshape(-1, 2),
         np.ascontiguousarray(mean, dtype=np.float64),
         np.ascontiguousarray(components, dtype=np.float64),
-        np.ascontiguousarray(density_edges, dtype=np.float64),
+        dedges,
+        _tolerance(dedges[0], dedges[-1], nb / (dedges[-1] - dedges[0]), nb),
         rng,
         dens,
     )
-    return rng, dens
+    return rng, dens.reshape(nb, nb).astype(np.int64)
 
 
 # ---------------------------------------------------------------------- pass 3
 @njit(**_OPTS)
-def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, hist, fine):
-    d = x.shape[1]
-    K = comps.shape[0]
-    S = np.empty((d, BLOCK))
-    C = np.empty((K, BLOCK))
+def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, tol, hist, fine):
+    S = np.empty((NF, BLOCK))
+    C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
-    idx = np.empty(BLOCK, dtype=np.intp)
+    I = np.empty((NF, BLOCK), dtype=np.int32)
     nb = edges.shape[0] - 1
     nf = fedges.shape[0] - 1
-    scale = nb / (edges[nb] - edges[0])
-    fscale = nf / (fedges[nf] - fedges[0])
+    sub = nf // nb
+    lo = edges[0]
+    fscale = nf / (edges[nb] - edges[0])
+    coarse_of = np.empty(nf, dtype=np.intp)
+    for i in range(nf):
+        coarse_of[i] = i // sub
     ng = groups.shape[1]
-    scratch = np.zeros((K, nf), dtype=np.int64)
+    scratch = np.zeros((NF, nf), dtype=np.int32)
+    codes = np.empty(ng, dtype=np.intp)
     for li in range(bounds.shape[0]):
-        any_group = False
+        a = bounds[li, 0]
+        b = bounds[li, 1]
+        nc = 0
         for g in range(ng):
             if groups[li, g] >= 0:
-                any_group = True
-        for r0 in range(bounds[li, 0], bounds[li, 1], BLOCK):
-            m = min(BLOCK, bounds[li, 1] - r0)
+                codes[nc] = groups[li, g]
+                nc += 1
+        # one increment per value into a per-layer fine histogram, then the
+        # coarse bins and the groups from it; tiny layers increment directly
+        direct = (b - a) * (1 + nc) <= nf * (2 + nc)
+        for r0 in range(a, b, BLOCK):
+            m = min(BLOCK, b - r0)
             _scale_block(x, r0, m, S, P)
             _project_block(S, m, mean, comps, C)
-            for k in range(K):
-                _bin_block(C, k, m, edges, scale, idx)
-                for r in range(m):
-                    i = idx[r]
-                    if i >= 0:
-                        hist[li, k, i] += 1
-                if any_group:
-                    _bin_block(C, k, m, fedges, fscale, idx)
-                    for r in range(m):
-                        i = idx[r]
-                        if i >= 0:
-                            scratch[k, i] += 1
-        if any_group:
-            for g in range(ng):
-                code = groups[li, g]
-                if code >= 0:
-                    for k in range(K):
-                        for i in range(nf):
-                            fine[code, k, i] += scratch[k, i]
-            scratch[:, :] = 0
+            _bin_fast(C, NF, m, lo, fscale, nf, tol, I)
+            for r in range(m):
+                for k in range(NF):
+                    i = I[k, r]
+                    if i < 0:
+                        i = _fine_exact(C[k, r], edges, fedges, fscale, sub)
+                        if i < 0:
+                            continue
+                    if direct:
+                        hist[li, k, coarse_of[i]] += 1
+                        for q in range(nc):
+                            fine[codes[q], k, i] += 1
+                    else:
+                        scratch[k, i] += 1
+        if not direct:
+            for k in range(NF):
+                for c in range(nb):
+                    t = 0
+                    for s in range(sub):
+                        t += scratch[k, c * sub + s]
+                    hist[li, k, c] = t
+                for q in range(nc):
+                    for i in range(nf):
+                        fine[codes[q], k, i] += scratch[k, i]
+                for i in range(nf):
+                    scratch[k, i] = 0
 
 
 def histogram_chunk(x, bounds, mean, components, edges, layer_groups, n_groups, fine_edges):
     """Compiled :func:`filterdb_dask.kernels.histogram_chunk`."""
+    edges = np.ascontiguousarray(edges, dtype=np.float64)
+    fedges = np.ascontiguousarray(fine_edges, dtype=np.float64)
+    sub = validate_fine_edges(edges, fedges)
     bounds = np.ascontiguousarray(bounds, dtype=np.int64).reshape(-1, 2)
     groups = np.ascontiguousarray(layer_groups, dtype=np.int64).reshape(len(bounds), -1)
-    ncomp = components.shape[0]
-    hist = np.zeros((len(bounds), ncomp, len(edges) - 1), dtype=np.uint32)
-    fine = np.zeros((n_groups, ncomp, len(fine_edges) - 1), dtype=np.int64)
+    nb = len(edges) - 1
+    nf = nb * sub
+    hist = np.zeros((len(bounds), NF, nb), dtype=np.uint32)
+    fine = np.zeros((n_groups, NF, nf), dtype=np.int64)
+    fscale = nf / (edges[-1] - edges[0])
     _histogram_core(
         np.ascontiguousarray(x),
         bounds,
         np.ascontiguousarray(mean, dtype=np.float64),
         np.ascontiguousarray(components, dtype=np.float64),
-        np.ascontiguousarray(edges, dtype=np.float64),
+        edges,
         groups,
-        np.ascontiguousarray(fine_edges, dtype=np.float64),
+        fedges,
+        _tolerance(edges[0], edges[-1], fscale, nf),
         hist,
         fine,
     )

@@ -23,7 +23,7 @@ import pandas as pd
 from . import cluster, kernels
 from .errors import AnalysisError
 from .groups import DEFAULT_BY, Grouping, make_grouping, make_groupings
-from .histograms import coef_range_density, group_histograms, layer_histograms
+from .histograms import bin_edges, coef_range_density, group_histograms, layer_histograms
 from .kl import drift_summary, kl_matrix
 from .pca import group_covariances, layer_stats, pca_from_stats, validate_pca
 from .quality import degenerated_layers, model_summary, quality_table
@@ -282,7 +282,8 @@ def analyze(
     bins : histogram bins for the KL matrices (default 70).
     subsets : name -> subset spec (mask, "COLUMN=VALUE" or a query string) for
         subset PCAs; default one per Visual Category.
-    fine_bins : bins of the fine histograms behind the ridge plots.
+    fine_bins : at least this many fine bins behind the ridge plots (each of the
+        ``bins`` coarse bins cut in equal parts; see ``histograms.bin_edges``).
     engine : per-chunk kernels: 'auto', 'numba' or 'numpy'.
     verbosity : progress output (0 quiet) when no ``execution`` is given.
     execution : where to compute (:func:`filterdb_dask.cluster.execution`);
@@ -357,7 +358,7 @@ def analyze(
         kl=kl,
         density=np.asarray(density),
         density_edges=np.linspace(-3.3, 3.3, 513),
-        fine_edges=kernels.histogram_edges(fine_bins, *coef_range),
+        fine_edges=bin_edges(coef_range, bins=bins, fine_bins=fine_bins)[1],
         fine_hist=fine_hist,
         quality=quality_table(meta, stats),
         subsets=subset_pcas,

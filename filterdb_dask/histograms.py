@@ -65,6 +65,23 @@ def coef_range_density(
     return da.stack([lo, hi]), dens.sum(axis=0)
 
 
+def bin_edges(coef_range, *, bins: int = 70, fine_bins: int = 256):
+    """Coarse and fine edges of pass 3 on ``coef_range``.
+
+    Coarse: ``bins`` equal bins as np.histogram makes them. Fine: each coarse bin
+    cut in ``ceil(fine_bins / bins)`` equal parts (:func:`kernels.fine_edges`), so
+    there are at least ``fine_bins`` and every coarse count is a sum of fine ones:
+    the kernel does one increment per value for both.
+
+    Returns
+    -------
+    (edges (bins + 1,), fine_edges (bins * ceil(fine_bins / bins) + 1,)), float64.
+    """
+    lo, hi = (float(v) for v in np.asarray(coef_range))
+    edges = kernels.histogram_edges(bins, lo, hi)
+    return edges, kernels.fine_edges(edges, -(-fine_bins // bins))
+
+
 def _histogram_task(x, bounds, groups, mean, comps, edges, n_groups, fedges, engine):
     hist, fine = get_kernels(engine).histogram_chunk(
         x, bounds, mean, comps, edges, groups, n_groups, fedges
@@ -94,12 +111,13 @@ def layer_histograms(
     layer_groups : (n_meta_rows, G) group codes of each meta row in G groupings
         (codes unique across groupings, -1 = not in a fine histogram), in meta order.
     n_groups : number of codes.
-    fine_bins : bins of the fine histograms on ``[lo, hi]``.
+    fine_bins : at least this many fine bins on ``[lo, hi]`` (see :func:`bin_edges`).
 
     Returns
     -------
     (hist, fine): dask arrays (n_layers, 9, bins) uint32, rows in chunk order (put them
-    in meta order with ``store.to_meta_order``), and (n_groups, 9, fine_bins) int64.
+    in meta order with ``store.to_meta_order``), and (n_groups, 9, F) int64,
+    F = bins * ceil(fine_bins / bins).
     """
     bins = _validate_bins(bins)
     fine_bins = _validate_bins(fine_bins, "fine_bins")
@@ -107,8 +125,7 @@ def layer_histograms(
     lo, hi = (float(v) for v in np.asarray(coef_range))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise AnalysisError(f"coefficient range {[lo, hi]!r} is not finite (no filters?)")
-    edges = kernels.histogram_edges(bins, lo, hi)
-    fedges = kernels.histogram_edges(fine_bins, lo, hi)
+    edges, fedges = bin_edges((lo, hi), bins=bins, fine_bins=fine_bins)
     n_meta = len(store.meta)
     if layer_groups is None:
         layer_groups = np.full((n_meta, 0), -1, dtype=np.int64)
@@ -122,7 +139,7 @@ def layer_histograms(
         per_chunk,
         outputs=[
             ([len(b) for b in bounds], (9, bins), np.uint32),
-            ([1] * n, (n_groups, 9, fine_bins), np.int64),
+            ([1] * n, (n_groups, 9, len(fedges) - 1), np.int64),
         ],
         name="layer-histograms",
         common_args=(pca["mean"], pca["components"], edges, n_groups, fedges, engine),

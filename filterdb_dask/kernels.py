@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import AnalysisError
+
 __all__ = [
     "EPS_KL",
     "N_STATS",
@@ -41,7 +43,10 @@ __all__ = [
     "range_density_chunk",
     "histogram_chunk",
     "histogram_edges",
+    "fine_edges",
+    "validate_fine_edges",
     "bin_indices",
+    "fine_bin_indices",
     "bin_indices_searchsorted",
     "kl_probabilities",
     "symmetric_kl_matrix",
@@ -340,6 +345,57 @@ def bin_indices(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return idx
 
 
+def fine_edges(edges: np.ndarray, per_bin: int) -> np.ndarray:
+    """Edges of the fine bins: every coarse bin of ``edges`` cut in ``per_bin`` parts.
+
+    The coarse edges are kept bit for bit (``fine[::per_bin] == edges``), so a value's
+    fine bin lies inside its coarse bin and coarse counts are sums of fine counts.
+
+    Parameters
+    ----------
+    edges : (B + 1,) coarse edges (``histogram_edges``).
+    per_bin : positive int.
+
+    Returns
+    -------
+    (B * per_bin + 1,) float64, non-decreasing.
+    """
+    edges = np.asarray(edges, dtype=np.float64)
+    width = np.diff(edges)
+    steps = np.arange(per_bin, dtype=np.float64) / per_bin
+    inner = (edges[:-1, None] + width[:, None] * steps[None, :]).ravel()
+    return np.append(inner, edges[-1])
+
+
+def validate_fine_edges(edges: np.ndarray, fine: np.ndarray) -> int:
+    """Sub-bins per coarse bin of ``fine`` (from :func:`fine_edges`); raises if ``fine``
+    does not subdivide ``edges`` exactly."""
+    nb, nf = len(edges) - 1, len(fine) - 1
+    sub = nf // nb if nb > 0 else 0
+    if sub < 1 or nf != nb * sub or not np.array_equal(fine[::sub], edges):
+        raise AnalysisError(
+            f"fine edges ({nf} bins) do not subdivide the {nb} coarse bins exactly; "
+            "make them with kernels.fine_edges(edges, per_bin)"
+        )
+    return sub
+
+
+def fine_bin_indices(values: np.ndarray, edges: np.ndarray, fine: np.ndarray) -> np.ndarray:
+    """Fine bin of each value, -1 outside: its coarse bin ``c`` under np.histogram's
+    rules (:func:`bin_indices`), then the sub-bin ``s`` of ``c`` with
+    ``fine[c*sub + s] <= value < fine[c*sub + s + 1]`` (the last one closed).
+
+    So ``fine_index // sub`` is always np.histogram's bin on ``edges``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    sub = validate_fine_edges(edges, fine)
+    c = bin_indices(values, edges)
+    s = np.searchsorted(fine, values, side="right") - 1 - c * sub
+    out = c * sub + np.clip(s, 0, sub - 1)
+    out[c < 0] = -1
+    return out
+
+
 def bin_indices_searchsorted(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin of each value as ``np.histogramdd`` finds it (searchsorted), -1 outside."""
     values = np.asarray(values, dtype=np.float64)
@@ -401,17 +457,20 @@ def histogram_chunk(
     layer_groups : (L, G) int, the group code of each layer in each of G groupings,
         codes counted over all groupings together (0 .. n_groups-1); -1 = none.
     n_groups : total number of group codes.
-    fine_edges : (F + 1,) edges of the fine histograms.
+    fine_edges : (F + 1,) edges of the fine histograms, ``fine_edges(edges, per_bin)``:
+        each coarse bin cut in ``F / bins`` sub-bins (:func:`fine_bin_indices`).
 
     Returns
     -------
-    hist : (L, 9, bins) uint32 counts per layer, component and bin.
+    hist : (L, 9, bins) uint32 counts per layer, component and bin, np.histogram's
+        semantics; equal to the fine counts summed over each coarse bin's sub-bins.
     fine : (n_groups, 9, F) int64 counts per group code, component and fine bin.
     """
     bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
     layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(len(bounds), -1)
+    sub = validate_fine_edges(edges, fine_edges)
     nbins = len(edges) - 1
-    nfine = len(fine_edges) - 1
+    nfine = nbins * sub
     ncomp = components.shape[0]
     hist = np.zeros((len(bounds), ncomp, nbins), dtype=np.uint32)
     fine = np.zeros((n_groups, ncomp, nfine), dtype=np.int64)
@@ -419,15 +478,13 @@ def histogram_chunk(
         if b <= a:
             continue
         c = project(scale_filters(x[a:b]), mean, components)
+        codes = layer_groups[i][layer_groups[i] >= 0]
         for k in range(ncomp):
-            idx = bin_indices(c[:, k], edges)
-            hist[i, k] = np.bincount(idx[idx >= 0], minlength=nbins)
-            codes = layer_groups[i][layer_groups[i] >= 0]
-            if len(codes):
-                fidx = bin_indices(c[:, k], fine_edges)
-                counts = np.bincount(fidx[fidx >= 0], minlength=nfine)
-                for g in codes:
-                    fine[g, k] += counts
+            idx = fine_bin_indices(c[:, k], edges, fine_edges)
+            counts = np.bincount(idx[idx >= 0], minlength=nfine)
+            hist[i, k] = counts.reshape(nbins, sub).sum(axis=1)
+            for g in codes:
+                fine[g, k] += counts
     return hist, fine
 
 

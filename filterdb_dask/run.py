@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Visual Category, depth decile, model)")
     a.add_argument("--bins", type=_positive_int, default=70)
     a.add_argument("--fine-bins", type=_positive_int, default=256,
-                   help="bins of the ridge-plot histograms")
+                   help="at least this many bins of the ridge-plot histograms (each of "
+                        "the --bins bins cut in equal parts)")
     a.add_argument("--subset", action="append", metavar="COL=VALUE",
                    help="subset PCA (repeatable; default one per Visual Category)")
     a.add_argument("--engine", choices=("auto", "numba", "numpy"), default="auto")

@@ -163,7 +163,7 @@ def test_numba_equals_numpy(n, cuts, seed, f64):
     mean = rng.normal(size=9) * 0.1
     comps = np.linalg.qr(rng.normal(size=(9, 9)))[0]
     edges = K.histogram_edges(13, -2.0, 2.0)
-    fedges = K.histogram_edges(40, -2.0, 2.0)
+    fedges = K.fine_edges(edges, 3)
     groups = rng.integers(-1, 3, size=(len(b), 2))
     h1, f1 = npk.histogram_chunk(x, b, mean, comps, edges, groups, 3, fedges)
     h2, f2 = nbk.histogram_chunk(x, b, mean, comps, edges, groups, 3, fedges)
@@ -185,7 +185,7 @@ def test_histogram_chunk_matches_np_histogram_per_layer():
     edges = K.histogram_edges(70, -2.2, 2.2)
     for eng in ENGINES:
         hist, _ = get_kernels(eng).histogram_chunk(
-            x, b, mean, comps, edges, np.full((2, 0), -1), 0, edges)
+            x, b, mean, comps, edges, np.full((2, 0), -1), 0, K.fine_edges(edges, 2))
         for i, (a, e) in enumerate(b):
             c = (ref.scale(x[a:e]) - mean) @ comps.T
             for k in range(9):
