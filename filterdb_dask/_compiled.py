@@ -26,7 +26,9 @@ import numpy as np
 from numba import njit
 
 from .kernels import (
+    LANES,
     N_STATS,
+    PAIRS,
     STAT_N,
     STAT_N_CLEAN,
     STAT_SPARSITY,
@@ -34,28 +36,37 @@ from .kernels import (
     variance_entropy_from_scatter,
 )
 
-BLOCK = 256
+BLOCK = LANES  # pass 1's sums: one lane per row of a block (fixed order); 2, 3 reuse it
+LANES_MAX = 64  # lanes of the (order-free) max
 NF = 9  # values per filter (3x3); a compile-time constant for the loops
+NPAIR = len(PAIRS[0])
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+@njit(**_OPTS)
+def _load_block(x, r0, n, W, S, P):
+    """Filters W[:, :n] (float64, feature-major), peaks P[:n] and scaled filters
+    S[:, :n] of rows r0..r0+n. W may be S (then it ends scaled)."""
+    for r in range(n):
+        for j in range(NF):
+            W[j, r] = np.float64(x[r0 + r, j])
+    for r in range(n):
+        P[r] = abs(W[0, r])
+    for j in range(1, NF):
+        for r in range(n):
+            v = abs(W[j, r])
+            P[r] = v if v > P[r] else P[r]
+    for j in range(NF):
+        for r in range(n):
+            p = P[r]
+            q = W[j, r] / p
+            S[j, r] = q if p > 0 else 0.0
 
 
 @njit(**_OPTS)
 def _scale_block(x, r0, n, S, P):
     """Peaks P[:n] and scaled filters S[:, :n] (feature-major) of rows r0..r0+n."""
-    for r in range(n):
-        for j in range(NF):
-            S[j, r] = np.float64(x[r0 + r, j])
-    for r in range(n):
-        P[r] = abs(S[0, r])
-    for j in range(1, NF):
-        for r in range(n):
-            v = abs(S[j, r])
-            P[r] = v if v > P[r] else P[r]
-    for j in range(NF):
-        for r in range(n):
-            p = P[r]
-            q = S[j, r] / p
-            S[j, r] = q if p > 0 else 0.0
+    _load_block(x, r0, n, S, S, P)
 
 
 @njit(**_OPTS)
@@ -94,98 +105,71 @@ def _project_block(S, n, mean, comps, C):
 
 # ---------------------------------------------------------------------- pass 1
 @njit(**_OPTS)
-def _dot4(a, b, n):
-    """sum(a[:n] * b[:n]) in four interleaved partial sums: a fixed order (so the
-    result never depends on memory alignment or the machine), yet vectorisable."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    n4 = n - n % 4
-    for r in range(0, n4, 4):
-        s0 += a[r] * b[r]
-        s1 += a[r + 1] * b[r + 1]
-        s2 += a[r + 2] * b[r + 2]
-        s3 += a[r + 3] * b[r + 3]
-    for r in range(n4, n):
-        s0 += a[r] * b[r]
-    return (s0 + s1) + (s2 + s3)
+def _abs_max(x, a, b, lw):
+    """max |x[a:b]| over all values; lane-wise (max is exact in any order)."""
+    flat = x.reshape(-1)
+    M = np.zeros(lw)
+    lo = a * NF
+    hi = b * NF
+    top = lo + (hi - lo) // lw * lw
+    for i0 in range(lo, top, lw):
+        for l in range(lw):
+            v = abs(np.float64(flat[i0 + l]))
+            M[l] = v if v > M[l] else M[l]
+    for i in range(top, hi):
+        v = abs(np.float64(flat[i]))
+        M[0] = v if v > M[0] else M[0]
+    m = 0.0
+    for l in range(lw):
+        if M[l] > m:
+            m = M[l]
+    return m
 
 
 @njit(**_OPTS)
-def _sweep(S, W, P, n, t, ks, kw, acc, DS, DW, DC, c, ones):
-    """Add one block's shifted sums and cross products to ``acc``.
-
-    acc rows: 0 sum(ds), 1 sum(dw), 2 sum(dc), then 3, 4, 5: Mss, Mww, Mcc
-    (upper triangles, flattened j*9+m); acc[0, 9] counts clean rows. Deterministic:
-    no fast-math; sums run in eight interleaved partial sums, a fixed order.
-    """
-    d = S.shape[0]
-    for r in range(n):
-        c[r] = 1.0 if P[r] >= t else 0.0
-    nc = _dot4(c, ones, n)
-    clean = nc == n  # the usual block: the clean products equal the unscaled ones
-    for j in range(d):
-        for r in range(n):
-            DS[j, r] = S[j, r] - ks[j]
-            dw = W[j, r] - kw[j]
-            DW[j, r] = dw
-            DC[j, r] = dw * c[r]
-    acc[0, 9] += nc
-    for j in range(d):
-        acc[0, j] += _dot4(DS[j], ones, n)
-        acc[1, j] += _dot4(DW[j], ones, n)
-        acc[2, j] += _dot4(DC[j], ones, n)
-    n8 = n - n % 8
-    for j in range(d):
-        sj, wj, cj = DS[j], DW[j], DC[j]
-        for m in range(j, d):
-            sm, wm, cm = DS[m], DW[m], DC[m]
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-            b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = 0.0
-            for r in range(0, n8, 8):
-                a0 += sj[r + 0] * sm[r + 0]
-                a1 += sj[r + 1] * sm[r + 1]
-                a2 += sj[r + 2] * sm[r + 2]
-                a3 += sj[r + 3] * sm[r + 3]
-                a4 += sj[r + 4] * sm[r + 4]
-                a5 += sj[r + 5] * sm[r + 5]
-                a6 += sj[r + 6] * sm[r + 6]
-                a7 += sj[r + 7] * sm[r + 7]
-                b0 += wj[r + 0] * wm[r + 0]
-                b1 += wj[r + 1] * wm[r + 1]
-                b2 += wj[r + 2] * wm[r + 2]
-                b3 += wj[r + 3] * wm[r + 3]
-                b4 += wj[r + 4] * wm[r + 4]
-                b5 += wj[r + 5] * wm[r + 5]
-                b6 += wj[r + 6] * wm[r + 6]
-                b7 += wj[r + 7] * wm[r + 7]
-            for r in range(n8, n):
-                a0 += sj[r] * sm[r]
-                b0 += wj[r] * wm[r]
-            acc[3, j * d + m] += ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-            bb = ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
-            acc[4, j * d + m] += bb
-            if clean:
-                acc[5, j * d + m] += bb
-            else:
-                acc[5, j * d + m] += _dot4(cj, cm, n)
+def _lane_add(D, m, L):
+    """L[j, r] += D[j, r] for r < m: row r of the block feeds lane r."""
+    for j in range(NF):
+        for r in range(m):
+            L[j, r] = L[j, r] + D[j, r]
 
 
 @njit(**_OPTS)
-def _stats_core(x, bounds, out, sc_all, sc_clean):
-    d = x.shape[1]
-    S = np.empty((d, BLOCK))
-    W = np.empty((d, BLOCK))
+def _lane_add_products(D, m, PJ, PM, L):
+    """L[p, r] += D[PJ[p], r] * D[PM[p], r] for r < m: the 45 cross products, one lane
+    per row of the block (a long, vectorised loop per product)."""
+    for p in range(NPAIR):
+        j = PJ[p]
+        k = PM[p]
+        for r in range(m):
+            L[p, r] = L[p, r] + D[j, r] * D[k, r]
+
+
+@njit(**_OPTS)
+def _lane_tree(v):
+    """Sum of the lanes (a power of two) in a fixed pairwise order: lane l + lane
+    l + half, halving until one is left."""
+    t = v.copy()
+    h = t.shape[0] // 2
+    while h >= 1:
+        for l in range(h):
+            t[l] = t[l] + t[l + h]
+        h //= 2
+    return t[0]
+
+
+@njit(**_OPTS)
+def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
+    W = np.empty((NF, BLOCK))
+    S = np.empty((NF, BLOCK))
+    DC = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
-    ks = np.empty(d)
-    kw = np.empty(d)
-    acc = np.zeros((6, d * d))
-    DS = np.empty((d, BLOCK))
-    DW = np.empty((d, BLOCK))
-    DC = np.empty((d, BLOCK))
-    cmask = np.empty(BLOCK)
-    ones = np.ones(BLOCK)
+    ks = np.empty(NF)
+    kw = np.empty(NF)
+    LS = np.empty((3, NF, BLOCK))
+    LP = np.empty((3, NPAIR, BLOCK))
+    tot_s = np.empty((3, NF))
+    tot_p = np.empty((3, NPAIR))
     for li in range(bounds.shape[0]):
         a = bounds[li, 0]
         b = bounds[li, 1]
@@ -193,45 +177,73 @@ def _stats_core(x, bounds, out, sc_all, sc_clean):
         out[li, STAT_N] = n
         if n == 0:
             continue
-        lmax = 0.0
-        for r in range(a, b):
-            for j in range(d):
-                v = abs(np.float64(x[r, j]))
-                if v > lmax:
-                    lmax = v
-        t = 0.01 * lmax
+        t = 0.01 * _abs_max(x, a, b, LANES_MAX)
         if t == 0:
             t = 1.0
         # shift by the layer's first filter: sums of (x - k) stay small
-        _scale_block(x, a, 1, S, P)
-        for j in range(d):
+        _load_block(x, a, 1, W, S, P)
+        for j in range(NF):
             ks[j] = S[j, 0]
-            kw[j] = np.float64(x[a, j])
-        acc[:, :] = 0.0
+            kw[j] = W[j, 0]
+        LS[:, :, :] = 0.0
+        LP[:, :, :] = 0.0
+        # while every filter so far is clean, the clean sums equal the plain ones:
+        # they are copied (same bits) at the first block with a sparse filter
+        same = True
+        nclean = 0
         for r0 in range(a, b, BLOCK):
             m = min(BLOCK, b - r0)
-            _scale_block(x, r0, m, S, P)
-            for j in range(d):
+            _load_block(x, r0, m, W, S, P)
+            cnt = 0
+            for r in range(m):
+                cnt += 1 if P[r] >= t else 0
+            for j in range(NF):
+                kj = ks[j]
+                wj = kw[j]
                 for r in range(m):
-                    W[j, r] = np.float64(x[r0 + r, j])
-            _sweep(S, W, P, m, t, ks, kw, acc, DS, DW, DC, cmask, ones)
-        nc = acc[0, 9]
-        out[li, STAT_N_CLEAN] = nc
-        out[li, STAT_SPARSITY] = (n - nc) / n
-        for j in range(d):
-            out[li, 1 + j] = ks[j] + acc[0, j] / n
-        for j in range(d):
-            for m in range(j, d):
-                v = acc[3, j * d + m] - acc[0, j] * acc[0, m] / n
-                out[li, 10 + j * d + m] = v
-                out[li, 10 + m * d + j] = v
-                w = acc[4, j * d + m] - acc[1, j] * acc[1, m] / n
-                sc_all[li, j, m] = w
-                sc_all[li, m, j] = w
-                if nc > 0:
-                    c = acc[5, j * d + m] - acc[2, j] * acc[2, m] / nc
-                    sc_clean[li, j, m] = c
-                    sc_clean[li, m, j] = c
+                    S[j, r] = S[j, r] - kj
+                    W[j, r] = W[j, r] - wj
+            _lane_add(S, m, LS[0])
+            _lane_add_products(S, m, PJ, PM, LP[0])
+            if same and cnt < m:
+                LS[2, :, :] = LS[1]
+                LP[2, :, :] = LP[1]
+                same = False
+            _lane_add(W, m, LS[1])
+            _lane_add_products(W, m, PJ, PM, LP[1])
+            if not same:
+                for j in range(NF):
+                    for r in range(m):
+                        c = 1.0 if P[r] >= t else 0.0
+                        DC[j, r] = W[j, r] * c
+                _lane_add(DC, m, LS[2])
+                _lane_add_products(DC, m, PJ, PM, LP[2])
+            nclean += cnt
+        if same:
+            LS[2, :, :] = LS[1]
+            LP[2, :, :] = LP[1]
+        for q in range(3):
+            for j in range(NF):
+                tot_s[q, j] = _lane_tree(LS[q, j])
+            for p in range(NPAIR):
+                tot_p[q, p] = _lane_tree(LP[q, p])
+        out[li, STAT_N_CLEAN] = nclean
+        out[li, STAT_SPARSITY] = (n - nclean) / n
+        for j in range(NF):
+            out[li, 1 + j] = ks[j] + tot_s[0, j] / n
+        for p in range(NPAIR):
+            j = PJ[p]
+            m = PM[p]
+            v = tot_p[0, p] - tot_s[0, j] * tot_s[0, m] / n
+            out[li, 10 + j * NF + m] = v
+            out[li, 10 + m * NF + j] = v
+            w = tot_p[1, p] - tot_s[1, j] * tot_s[1, m] / n
+            sc_all[li, j, m] = w
+            sc_all[li, m, j] = w
+            if nclean > 0:
+                c = tot_p[2, p] - tot_s[2, j] * tot_s[2, m] / nclean
+                sc_clean[li, j, m] = c
+                sc_clean[li, m, j] = c
 
 
 def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -242,7 +254,7 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     out = np.zeros((nl, N_STATS))
     sc_all = np.zeros((nl, 9, 9))
     sc_clean = np.zeros((nl, 9, 9))
-    _stats_core(x, bounds, out, sc_all, sc_clean)
+    _stats_core(x, bounds, PAIRS[0], PAIRS[1], out, sc_all, sc_clean)
     n = out[:, STAT_N]
     out[:, 92] = variance_entropy_from_scatter(sc_all, n)
     out[:, 93] = variance_entropy_from_scatter(sc_clean, out[:, STAT_N_CLEAN])

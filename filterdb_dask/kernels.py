@@ -72,6 +72,14 @@ STAT_VE_CLEAN = 93
 STAT_N_CLEAN = 94
 N_STATS = 95
 
+# Fixed summation order of pass 1 (both engines): row r of a layer (counted from its
+# first row) feeds running sum ("lane") r % LANES, left to right, the lanes starting
+# at 0.0; at the end the lanes are summed pairwise (``_lane_tree``). Long lanes let
+# the compiled kernel add a block of LANES rows in one vectorised loop.
+LANES = 256
+#: the 45 (j, m), j <= m, entries of a 9x9 scatter, in row-major order
+PAIRS = tuple(np.ascontiguousarray(a) for a in np.triu_indices(9))
+
 #: (l, x0, k, b) of the logistic fit T(n) of the maximal variance entropy (docs/method.md §7)
 ENTROPY_FIT = (1.2618047, 2.30436435, 0.88767525, -0.31050834)
 
@@ -133,6 +141,48 @@ def _layer_rows(bounds: np.ndarray, n: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- pass 1
+def _lane_tree(v: np.ndarray) -> np.ndarray:
+    """Sum over the last axis (LANES, a power of two) in pass 1's fixed pairwise
+    order: lane l + lane l + half, halving until one is left."""
+    while v.shape[-1] > 1:
+        h = v.shape[-1] // 2
+        v = v[..., :h] + v[..., h:]
+    return v[..., 0]
+
+
+def _fixed_sums(d: np.ndarray, products: bool = False, slab: int = 64) -> np.ndarray:
+    """Pass 1's fixed-order column sums of ``d`` (n, 9), or of the 45 products
+    ``d[:, j] * d[:, m]`` (``PAIRS``) when ``products``.
+
+    Row r feeds lane r % LANES, left to right, from 0.0; then the lanes pairwise
+    (``_lane_tree``). The same additions as the compiled kernel, so both engines give
+    the same bits whatever the chunking. (Padding rows with zeros changes no lane:
+    a lane is never -0.0, and x + 0.0 == x otherwise.)
+    """
+    total = 0.0
+    for s0 in range(0, len(d), slab * LANES):  # bounded memory
+        part = d[s0 : s0 + slab * LANES]
+        if products:
+            part = part[:, PAIRS[0]] * part[:, PAIRS[1]]
+        rows = -(-len(part) // LANES) * LANES
+        if rows != len(part):
+            part = np.concatenate([part, np.zeros((rows - len(part), part.shape[1]))])
+        # a reduction over the outer axis adds block after block, lane by lane
+        blocks = part.reshape(-1, LANES, part.shape[1])
+        total = np.concatenate([np.broadcast_to(total, (1, *blocks.shape[1:])), blocks]).sum(
+            axis=0)
+    return _lane_tree(np.asarray(total).T)
+
+
+def _scatter_from_sums(sums: np.ndarray, prods: np.ndarray, n: float) -> np.ndarray:
+    """Centred 9x9 scatter from shifted sums and cross products."""
+    v = prods - sums[PAIRS[0]] * sums[PAIRS[1]] / n
+    out = np.empty((9, 9))
+    out[PAIRS] = v
+    out[PAIRS[1], PAIRS[0]] = v
+    return out
+
+
 def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Per-layer moments of the scaled filters and quality of the unscaled ones.
 
@@ -163,30 +213,27 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
             out[i, STAT_VE_CLEAN] = np.nan
             continue
         xs = scale_filters(w)
-        mean = xs.sum(axis=0) / n
-        d = xs - mean
-        out[i, STAT_MEAN] = mean
-        out[i, STAT_M2] = (d.T @ d).ravel()
         peaks = np.max(np.abs(w), axis=1)
         t = 0.01 * peaks.max()
         if t == 0:
             t = 1.0
         clean = peaks >= t  # sparse <=> every |value| < t <=> peak < t
         n_clean = int(clean.sum())
+        # shifted by the layer's first filter: sums of (x - k) stay small
+        ds = xs - xs[0]
+        dw = w - w[0]
+        dc = dw * clean[:, None].astype(np.float64)
+        s_s, s_w, s_c = _fixed_sums(ds), _fixed_sums(dw), _fixed_sums(dc)
+        out[i, STAT_MEAN] = xs[0] + s_s / n
+        out[i, STAT_M2] = _scatter_from_sums(s_s, _fixed_sums(ds, True), n).ravel()
         out[i, STAT_SPARSITY] = (n - n_clean) / n
         out[i, STAT_N_CLEAN] = n_clean
-        out[i, STAT_VE] = variance_entropy_from_scatter(_centred_scatter(w), n)
-        out[i, STAT_VE_CLEAN] = variance_entropy_from_scatter(
-            _centred_scatter(w[clean]), n_clean
-        )
+        out[i, STAT_VE] = variance_entropy_from_scatter(
+            _scatter_from_sums(s_w, _fixed_sums(dw, True), n), n)
+        sc_clean = (_scatter_from_sums(s_c, _fixed_sums(dc, True), n_clean) if n_clean
+                    else np.zeros((9, 9)))
+        out[i, STAT_VE_CLEAN] = variance_entropy_from_scatter(sc_clean, n_clean)
     return out
-
-
-def _centred_scatter(w: np.ndarray) -> np.ndarray:
-    if w.shape[0] == 0:
-        return np.zeros((w.shape[1], w.shape[1]))
-    d = w - w.sum(axis=0) / w.shape[0]
-    return d.T @ d
 
 
 def variance_entropy_from_scatter(scatter: np.ndarray, n: int | np.ndarray) -> np.ndarray:
