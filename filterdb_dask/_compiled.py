@@ -105,10 +105,10 @@ def _project_block(S, n, mean, comps, C):
 
 # ---------------------------------------------------------------------- pass 1
 @njit(**_OPTS)
-def _abs_max(x, a, b, lw):
-    """max |x[a:b]| over all values; lane-wise (max is exact in any order)."""
+def _abs_max(x, a, b, lw, M):
+    """max |x[a:b]| over all values; lane-wise in M[:lw] (max is exact in any order)."""
     flat = x.reshape(-1)
-    M = np.zeros(lw)
+    M[:] = 0.0
     lo = a * NF
     hi = b * NF
     top = lo + (hi - lo) // lw * lw
@@ -146,16 +146,20 @@ def _lane_add_products(D, m, PJ, PM, L):
 
 
 @njit(**_OPTS)
-def _lane_tree(v):
-    """Sum of the lanes (a power of two) in a fixed pairwise order: lane l + lane
-    l + half, halving until one is left."""
-    t = v.copy()
-    h = t.shape[0] // 2
+def _lane_tree(v, used, t):
+    """Sum of the lanes v[:BLOCK] in a fixed pairwise order: lane l + lane l + half,
+    halving until one is left. Lanes from ``used`` on are taken as +0.0 and never
+    read: adding +0.0 changes no lane (a lane is never -0.0), so skipping those
+    additions gives the same bits as doing them. ``t`` is scratch."""
+    for l in range(used):
+        t[l] = v[l]
+    h = v.shape[0] // 2
     while h >= 1:
-        for l in range(h):
+        for l in range(max(0, used - h)):
             t[l] = t[l] + t[l + h]
+        used = min(used, h)
         h //= 2
-    return t[0]
+    return t[0] if used > 0 else 0.0
 
 
 @njit(**_OPTS)
@@ -170,6 +174,8 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
     LP = np.empty((3, NPAIR, BLOCK))
     tot_s = np.empty((3, NF))
     tot_p = np.empty((3, NPAIR))
+    tmp = np.empty(BLOCK)
+    mx = np.empty(LANES_MAX)
     for li in range(bounds.shape[0]):
         a = bounds[li, 0]
         b = bounds[li, 1]
@@ -177,7 +183,7 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
         out[li, STAT_N] = n
         if n == 0:
             continue
-        t = 0.01 * _abs_max(x, a, b, LANES_MAX)
+        t = 0.01 * _abs_max(x, a, b, LANES_MAX, mx)
         if t == 0:
             t = 1.0
         # shift by the layer's first filter: sums of (x - k) stay small
@@ -185,8 +191,9 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
         for j in range(NF):
             ks[j] = S[j, 0]
             kw[j] = W[j, 0]
-        LS[:, :, :] = 0.0
-        LP[:, :, :] = 0.0
+        used = min(n, BLOCK)  # lanes this layer touches; the others are never read
+        LS[:2, :, :used] = 0.0
+        LP[:2, :, :used] = 0.0
         # while every filter so far is clean, the clean sums equal the plain ones:
         # they are copied (same bits) at the first block with a sparse filter
         same = True
@@ -206,8 +213,8 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
             _lane_add(S, m, LS[0])
             _lane_add_products(S, m, PJ, PM, LP[0])
             if same and cnt < m:
-                LS[2, :, :] = LS[1]
-                LP[2, :, :] = LP[1]
+                LS[2, :, :used] = LS[1, :, :used]
+                LP[2, :, :used] = LP[1, :, :used]
                 same = False
             _lane_add(W, m, LS[1])
             _lane_add_products(W, m, PJ, PM, LP[1])
@@ -219,14 +226,14 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
                 _lane_add(DC, m, LS[2])
                 _lane_add_products(DC, m, PJ, PM, LP[2])
             nclean += cnt
-        if same:
-            LS[2, :, :] = LS[1]
-            LP[2, :, :] = LP[1]
-        for q in range(3):
+        for q in range(3 if not same else 2):
             for j in range(NF):
-                tot_s[q, j] = _lane_tree(LS[q, j])
+                tot_s[q, j] = _lane_tree(LS[q, j], used, tmp)
             for p in range(NPAIR):
-                tot_p[q, p] = _lane_tree(LP[q, p])
+                tot_p[q, p] = _lane_tree(LP[q, p], used, tmp)
+        if same:
+            tot_s[2] = tot_s[1]
+            tot_p[2] = tot_p[1]
         out[li, STAT_N_CLEAN] = nclean
         out[li, STAT_SPARSITY] = (n - nclean) / n
         for j in range(NF):

@@ -159,7 +159,7 @@ def test_numba_equals_numpy(n, cuts, seed, f64):
         b = b[::2]  # leave gaps (unreferenced rows)
     npk, nbk = get_kernels("numpy"), get_kernels("numba")
     s1, s2 = npk.layer_stats_chunk(x, b), nbk.layer_stats_chunk(x, b)
-    np.testing.assert_allclose(s1, s2, rtol=1e-9, atol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(s1, s2)  # same additions in the same order: same bits
     mean = rng.normal(size=9) * 0.1
     comps = np.linalg.qr(rng.normal(size=(9, 9)))[0]
     edges = K.histogram_edges(13, -2.0, 2.0)
@@ -174,6 +174,73 @@ def test_numba_equals_numpy(n, cuts, seed, f64):
     r2, d2 = nbk.range_density_chunk(x, b, mean, comps, de)
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_array_equal(d1, d2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_layer_stats_do_not_depend_on_the_chunking(engine):
+    """A layer's statistics are the same bits whatever else its chunk holds and
+    wherever the layer starts in it (the summation order is anchored at the layer)."""
+    kern = get_kernels(engine)
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(1500, 9)).astype(np.float32)
+    x[700:900] *= 1e-5  # sparse filters in the middle of the layer
+    alone = kern.layer_stats_chunk(x[300:1200], np.array([[0, 900]]))
+    pad = np.concatenate([rng.normal(size=(37, 9)).astype(np.float32), x[300:1200]])
+    shifted = kern.layer_stats_chunk(pad, np.array([[0, 37], [37, 937]]))
+    np.testing.assert_array_equal(alone[0], shifted[1])
+    # and it agrees with a float64 two-pass reference
+    xs = ref.scale(x[300:1200])
+    d = xs - xs.mean(axis=0)
+    np.testing.assert_allclose(alone[0, K.STAT_M2].reshape(9, 9), d.T @ d, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(alone[0, K.STAT_MEAN], xs.mean(axis=0), rtol=1e-12, atol=1e-14)
+
+
+def test_fine_edges_subdivide_coarse_edges_exactly():
+    edges = K.histogram_edges(70, -2.718, 3.14159)
+    fine = K.fine_edges(edges, 4)
+    assert len(fine) == 281 and np.array_equal(fine[::4], edges)
+    assert np.all(np.diff(fine) > 0)
+    bad = fine.copy()
+    bad[8] = np.nextafter(bad[8], np.inf)  # a coarse edge one ulp off
+    for wrong in (bad, K.histogram_edges(282, -2.718, 3.14159)):
+        with pytest.raises(AnalysisError, match="do not subdivide the 70 coarse bins exactly"):
+            K.validate_fine_edges(edges, wrong)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("per_bin", [1, 3, 4])
+def test_coarse_counts_are_np_histogram_and_sums_of_fine(engine, per_bin):
+    """One increment per value: coarse = np.histogram exactly (also for values on,
+    and one ulp either side of, every coarse and fine edge, and the closed last
+    bin); coarse = fine summed over each bin's sub-bins; fine bins follow
+    ``fine_bin_indices``' rule."""
+    lo, hi = -2.2, 2.2
+    edges = K.histogram_edges(70, lo, hi)
+    fine = K.fine_edges(edges, per_bin)
+    rng = np.random.default_rng(9)
+    # filters whose coefficients (identity projection, zero mean) hit the edges
+    vals = np.concatenate([fine, np.nextafter(fine, np.inf), np.nextafter(fine, -np.inf),
+                           rng.uniform(lo, hi, 3000), [lo - 1, hi + 1]])
+    vals = vals[np.abs(vals) <= 1.0]  # scaling leaves filters with peak 1 unchanged
+    x = np.zeros((len(vals), 9))
+    x[:, 0] = vals
+    x[:, 1] = 1.0  # the peak: the row is already scaled
+    x[:, 2:] = rng.uniform(-1, 1, size=(len(vals), 7))
+    comps = np.eye(9)
+    mean = np.zeros(9)
+    b = np.array([[0, len(x)]])
+    hist, fh = get_kernels(engine).histogram_chunk(x, b, mean, comps, edges,
+                                                   np.array([[0]]), 1, fine)
+    for k in range(9):
+        want, _ = np.histogram(x[:, k], bins=70, range=(lo, hi))
+        np.testing.assert_array_equal(hist[0, k], want)
+        np.testing.assert_array_equal(fh[0, k].reshape(70, per_bin).sum(axis=1), want)
+        idx = K.fine_bin_indices(x[:, k], edges, fine)
+        np.testing.assert_array_equal(fh[0, k], np.bincount(idx[idx >= 0], minlength=70 * per_bin))
+    ok = (vals >= fine[0]) & (vals <= fine[-1])
+    idx = K.fine_bin_indices(vals, edges, fine)
+    inner = ok & (vals < hi)
+    assert np.all(fine[idx[inner]] <= vals[inner]) and np.all(vals[inner] < fine[idx[inner] + 1])
 
 
 def test_histogram_chunk_matches_np_histogram_per_layer():
@@ -206,3 +273,33 @@ def test_binned_kde_integrates_to_one():
     d = K.binned_kde(c, edges, bw)
     assert (d * (edges[1] - edges[0])).sum() == pytest.approx(1.0, abs=1e-3)
     assert K.silverman_bandwidth(2.0, 1.3489795, 32) == pytest.approx(24 ** -0.2)
+
+
+def _same_bits(a, b):
+    np.testing.assert_array_equal(a.layer_stats, b.layer_stats)
+    np.testing.assert_array_equal(a.layer_hist, b.layer_hist)
+    np.testing.assert_array_equal(a.density, b.density)
+    np.testing.assert_array_equal(a.coef_range, b.coef_range)
+    for key in ("mean", "components", "explained_variance", "explained_variance_ratio"):
+        np.testing.assert_array_equal(a.pca[key], b.pca[key])
+    for slug in a.kl:
+        np.testing.assert_array_equal(a.kl[slug].to_numpy(), b.kl[slug].to_numpy())
+    assert a.fine_hist.keys() == b.fine_hist.keys()
+    for slug in a.fine_hist:
+        np.testing.assert_array_equal(a.fine_hist[slug], b.fine_hist[slug])
+
+
+def test_results_identical_on_1_2_and_4_worker_processes(synth_store):
+    """Real local clusters over loopback TCP: the same bits as the threaded
+    scheduler whatever the number of worker processes (each chunk's partial results
+    merge in a fixed order, and every kernel sums in a fixed order)."""
+    from distributed import Client, LocalCluster
+
+    from filterdb_dask.analysis import analyze
+
+    threaded = analyze(synth_store, verbosity=0)
+    for n in (1, 2, 4):
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                          host="127.0.0.1", dashboard_address=None,
+                          memory_limit="1GiB") as cluster, Client(cluster):
+            _same_bits(analyze(synth_store, verbosity=0), threaded)
