@@ -1,12 +1,16 @@
 """Benchmark suite: filterdb_dask against what a researcher would use instead.
 
-    python -m benchmarks --filters 20M --out bench/ [--scaling 2M,20M,200M]
+    python -m benchmarks [--filters 20M,200M] --out bench/ [--scaling 2M,20M,200M]
 
-One synthetic data set per size (the project's ``synth``, converted once), every
-contender on the same data, the same machine and the same local cluster (one
-worker process per core, one thread each), repetitions interleaved, medians and
-min-max. Each contender is checked against the float64 in-memory reference before
-its time counts. Writes ``OUT/bench.json`` and ``OUT/bench.md``.
+First each pass kernel alone in one thread (``benchmarks.kernels``, next to a stated
+per-core limit). Then, per size in ``--filters``, one synthetic data set (the
+project's ``synth``, converted once, timed against a plain read), every contender
+on the same data, the same machine and the same local cluster (one worker process
+per core, one thread each), repetitions interleaved, medians and min-max: the read
+floor on threads and on the cluster, each pass, the whole analysis, the peers. Each
+contender is checked against the float64 in-memory reference before its time
+counts. The targets of issue 12 are in the JSON with pass/fail. Writes
+``OUT/bench.json`` and ``OUT/bench.md``.
 """
 
 from __future__ import annotations
@@ -222,59 +226,74 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
     return rows
 
 
-def main(argv=None) -> int:
-    from filterdb_dask.run import _count
-
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--filters", type=_count, default=20_000_000, help="N of the main run")
-    p.add_argument("--out", default="bench", help="output folder (data cached in OUT/data)")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--scaling", default="", help="comma-separated N for the scaling run, "
-                                                  "e.g. 2M,20M,200M")
-    p.add_argument("--reference-max", type=_count, default=40_000_000,
-                   help="largest N for the in-memory contenders (reference, authors' method)")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--skip", default="", help="comma-separated contenders to skip")
-    p.add_argument("--peer-venv", default=None,
-                   help="virtualenv for dask-histogram (pins an older dask); default "
-                        "OUT/peer-venv, created on first use")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-
-    from distributed import Client, LocalCluster
-
+def run_size(args, n: int, client) -> dict:
+    """Every contender on one synthetic data set of ``n`` filters."""
     from benchmarks.contenders import CONTENDERS, authors_in_memory, fdb_whole
     from convert.read import read_source
     from filterdb_dask.groups import make_grouping
     from filterdb_dask.store import open_store
 
-    report = {"machine": machine(), "args": vars(args)}
-    print(f"data: {args.filters:,} filters", file=sys.stderr)
-    h5, store_path, conv = dataset(args.out, args.filters)
-    report["convert"] = conv
+    print(f"data: {n:,} filters", file=sys.stderr)
+    h5, store_path, conv = dataset(args.out, n)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    store = open_store(store_path)
+    ctx = {"store": store, "source": read_source(h5), "n": store.n_filters,
+           "cores": args.workers, "bins": 70, "grouping": make_grouping(store.meta, "Task"),
+           "client": client, "reference": None}
+    ctx["fdb"] = fdb_whole(ctx)["results"]  # warm-up (numba compiles) and inputs
+    in_memory = n <= args.reference_max
+    if in_memory:
+        ctx["reference"] = authors_in_memory(ctx)
+    names = [k for k in CONTENDERS if k not in skip and
+             (in_memory or k != "authors' method in memory")]
+    print(f"contenders x {args.repeat}:", file=sys.stderr)
+    section = {"n": n, "convert": conv, "contenders": run_contenders(ctx, names, args.repeat)}
+    if "dask-histogram grouped histograms" not in skip:
+        section["contenders"]["dask-histogram grouped histograms (own venv)"] = \
+            run_peer(ctx, args)
+    return section
+
+
+def main(argv=None) -> int:
+    from benchmarks import parse_count
+    from benchmarks.kernels import kernel_speeds
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--filters", default="20M,200M",
+                   help="comma-separated N, each a full run (default 20M,200M)")
+    p.add_argument("--out", default="bench", help="output folder (data cached in OUT/data)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--scaling", default="", help="comma-separated N for a scaling run of "
+                                                  "the read floor and the whole analysis")
+    p.add_argument("--reference-max", type=parse_count, default=40_000_000,
+                   help="largest N for the in-memory contenders (reference, authors' method)")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--kernel-filters", type=parse_count, default=4_000_000,
+                   help="filters for the kernels-alone section (in memory)")
+    p.add_argument("--skip", default="", help="comma-separated contenders to skip")
+    p.add_argument("--peer-venv", default=None,
+                   help="virtualenv for dask-histogram (pins an older dask); default "
+                        "OUT/peer-venv, created on first use")
+    args = p.parse_args(argv)
+    sizes = [parse_count(s) for s in args.filters.split(",") if s.strip()]
+    os.makedirs(args.out, exist_ok=True)
+
+    from distributed import Client, LocalCluster
+
+    from filterdb_dask.groups import make_grouping
+    from filterdb_dask.store import open_store
+
+    report = {"machine": machine(), "args": vars(args)}
+    print(f"kernels alone: {args.kernel_filters:,} filters, one thread", file=sys.stderr)
+    report["kernels"] = kernel_speeds(args.kernel_filters, repeat=5,
+                                      engines=("numba", "numpy"))
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0", memory_limit="4GiB") as cluster, \
             Client(cluster) as client:
-        store = open_store(store_path)
-        src = read_source(h5)
-        ctx = {"store": store, "source": src, "n": store.n_filters, "cores": args.workers,
-               "bins": 70, "grouping": make_grouping(store.meta, "Task"), "client": client}
-        ctx["reference"] = None
-        ctx["fdb"] = fdb_whole(ctx)["results"]  # warm-up (numba compiles) and inputs
-        in_memory = args.filters <= args.reference_max
-        if in_memory:
-            ctx["reference"] = authors_in_memory(ctx)
-        names = [n for n in CONTENDERS if n not in skip and
-                 (in_memory or n != "authors' method in memory")]
-        print(f"contenders x {args.repeat}:", file=sys.stderr)
-        report["contenders"] = run_contenders(ctx, names, args.repeat)
-        if "dask-histogram grouped histograms" not in skip:
-            report["contenders"]["dask-histogram grouped histograms (own venv)"] = \
-                run_peer(ctx, args)
+        report["runs"] = [run_size(args, n, client) for n in sizes]
         report["scaling"] = []
-        for n in [_count(s) for s in args.scaling.split(",") if s.strip()]:
+        for n in [parse_count(s) for s in args.scaling.split(",") if s.strip()]:
             print(f"scaling: {n:,} filters", file=sys.stderr)
             h5n, sn, convn = dataset(args.out, n)
             st = open_store(sn)
@@ -285,7 +304,8 @@ def main(argv=None) -> int:
                 k: {kk: v[kk] for kk in ("median_s", "filters_per_s_per_core",
                                          "peak_total_mib", "peak_worker_mib")}
                 for k, v in rows.items()}})
-    report["targets"] = targets(report)
+    for run in report["runs"]:
+        run["targets"] = targets(run, report["kernels"])
     with open(os.path.join(args.out, "bench.json"), "w") as fh:
         json.dump(report, fh, indent=2, default=float)
     md = markdown(report)
@@ -325,43 +345,69 @@ def run_peer(ctx: dict, args) -> dict:
     return row
 
 
-def targets(rep: dict) -> dict:
-    c = rep["contenders"]
-    out = {}
+#: the targets of issue 12: name -> (threshold, what it measures)
+TARGETS = {
+    "whole_filters_per_s_per_core": (5e6, "whole analysis, default local cluster"),
+    "kernel_pass_1_filters_per_s": (30e6, "pass-1 kernel alone, one thread"),
+    "kernel_pass_2_filters_per_s": (30e6, "pass-2 kernel alone, one thread"),
+    "kernel_pass_3_filters_per_s": (30e6, "pass-3 kernel alone, one thread"),
+    "cluster_read_vs_threads": (0.8, "local-cluster read speed / threaded read speed"),
+    "convert_vs_plain_read": (0.8, "converter speed / plain sequential h5py read speed"),
+    "speedup_vs_daskml_plus_fastest_peer": (10.0, "(dask-ml PCA + fastest peer's grouped "
+                                                  "histograms) time / whole analysis time"),
+}
+
+PEERS = ("xhistogram grouped histograms", "flox grouped histograms",
+         "dask-histogram grouped histograms (own venv)")
+
+
+def targets(run: dict, kern: dict | None = None) -> dict:
+    """Each target's measured value, threshold and pass/fail (None: not measured)."""
+    c = run["contenders"]
+    val = {}
     whole = c.get("filterdb_dask whole analysis")
     if whole:
-        out["whole_filters_per_s_per_core"] = whole["filters_per_s_per_core"]
-        out["extrapolated_full_db_s"] = FULL_DB / whole["filters_per_s"]
-        peers = [c[k]["median_s"] for k in ("xhistogram grouped histograms",
-                                            "flox grouped histograms",
-                                            "dask-histogram grouped histograms (own venv)")
-                 if k in c and "median_s" in c[k]]
+        val["whole_filters_per_s_per_core"] = whole["filters_per_s_per_core"]
+        peers = [c[k]["median_s"] for k in PEERS if k in c and "median_s" in c[k]]
         if "dask-ml PCA (tsqr)" in c and peers:
-            out["speedup_vs_daskml_plus_fastest_peer"] = (
+            val["speedup_vs_daskml_plus_fastest_peer"] = (
                 (c["dask-ml PCA (tsqr)"]["median_s"] + min(peers)) / whole["median_s"])
+    for k in (1, 2, 3):
+        if kern and "numba" in kern:
+            val[f"kernel_pass_{k}_filters_per_s"] = kern["numba"][f"pass {k}"]["filters_per_s"]
+    if "read floor" in c and "read floor (threads)" in c:
+        val["cluster_read_vs_threads"] = (c["read floor (threads)"]["median_s"]
+                                          / c["read floor"]["median_s"])
+    if run.get("convert", {}).get("convert_vs_read_speed") is not None:
+        val["convert_vs_plain_read"] = run["convert"]["convert_vs_read_speed"]
+    out = {}
+    for name, (threshold, what) in TARGETS.items():
+        v = val.get(name)
+        out[name] = {"value": v, "target": threshold, "what": what,
+                     "pass": None if v is None else bool(v >= threshold)}
+    info = {}
+    if whole:
+        info["extrapolated_full_db_s"] = FULL_DB / whole["filters_per_s"]
+        info["extrapolated_full_db_s_64_cores"] = FULL_DB / (whole["filters_per_s_per_core"]
+                                                             * 64)
     if "read floor" in c:
         floor = c["read floor"]["median_s"]
         for k in ("filterdb_dask pass 1", "filterdb_dask pass 2", "filterdb_dask pass 3"):
             if k in c:
-                out[f"{k} / read floor"] = c[k]["median_s"] / floor
-    out["max_worker_peak_mib_filterdb_dask"] = max(
-        [v.get("peak_worker_mib", 0) for k, v in c.items() if k.startswith("filterdb_dask")]
-        + [s.get("filterdb_dask whole analysis", {}).get("peak_worker_mib", 0)
-           for s in rep.get("scaling", [])])
-    return out
+                info[f"{k} / read floor"] = c[k]["median_s"] / floor
+    info["max_worker_peak_mib_filterdb_dask"] = max(
+        [v.get("peak_worker_mib", 0) for k, v in c.items() if k.startswith("filterdb_dask")],
+        default=0)
+    return {"targets": out, "info": info}
 
 
-def markdown(rep: dict) -> str:
-    m = rep["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB; "
-             f"python {m['python']}, dask {m['versions']['dask']}, numba {m['versions']['numba']}",
-             "", f"Data: {rep['args']['filters']:,} synthetic filters (float32); "
-             f"{rep['args']['workers']} worker processes x 1 thread; "
-             f"{rep['args']['repeat']} repetitions, interleaved.", "",
+def _contender_table(run: dict, args: dict) -> list[str]:
+    lines = [f"Data: {run['n']:,} synthetic filters (float32); {args['workers']} worker "
+             f"processes x 1 thread; {args['repeat']} repetitions, interleaved.", "",
              "| contender | median s | min–max s | M filters/s/core | peak MiB (all procs) | "
              "peak MiB/worker | error vs float64 reference |",
              "|---|---|---|---|---|---|---|"]
-    for name, r in rep["contenders"].items():
+    for name, r in run["contenders"].items():
         if "skipped" in r:
             lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
             continue
@@ -370,16 +416,35 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | "
                      f"{r['filters_per_s_per_core'] / 1e6:.2f} | {r['peak_total_mib']:.0f} | "
                      f"{r['peak_worker_mib']:.0f} | {err} |")
-    cv = rep["convert"]
+    cv = run["convert"]
     lines += ["", f"Conversion: {cv['convert_s']:.1f} s ({cv['convert_filters_per_s'] / 1e6:.1f} "
                   f"M filters/s), plain sequential h5py read {cv['plain_read_s']:.1f} s "
                   "(both from a cold cache): "
                   f"convert runs at {100 * cv['convert_vs_read_speed']:.0f} % of the read's "
                   f"speed; converter peak RSS {cv['convert_peak_rss_mib']:.0f} MiB (its "
                   "process alone)."]
+    t = run["targets"]
+    lines += ["", "| target | measured | required | pass |", "|---|---|---|---|"]
+    for name, r in t["targets"].items():
+        v = "–" if r["value"] is None else f"{r['value']:.3g}"
+        ok = "–" if r["pass"] is None else ("yes" if r["pass"] else "**no**")
+        lines.append(f"| {name} ({r['what']}) | {v} | ≥ {r['target']:.3g} | {ok} |")
+    lines += [""] + [f"- {k}: {v:.3g}" for k, v in t["info"].items()]
+    return lines
+
+
+def markdown(rep: dict) -> str:
+    from benchmarks.kernels import markdown as kernel_markdown
+
+    m = rep["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB; "
+             f"python {m['python']}, dask {m['versions']['dask']}, numba {m['versions']['numba']}",
+             "", kernel_markdown(rep["kernels"])]
+    for run in rep["runs"]:
+        lines += _contender_table(run, rep["args"]) + [""]
     if rep.get("scaling"):
-        lines += ["", "| N | convert s | convert peak MiB | read floor s | whole analysis s | "
-                      "M filters/s/core | peak MiB (all) | peak MiB/worker |",
+        lines += ["| N | convert s | convert peak MiB | read floor s | whole analysis s | "
+                  "M filters/s/core | peak MiB (all) | peak MiB/worker |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in rep["scaling"]:
             w = s["filterdb_dask whole analysis"]
@@ -388,10 +453,6 @@ def markdown(rep: dict) -> str:
                          f"{s['read floor']['median_s']:.2f} | {w['median_s']:.2f} | "
                          f"{w['filters_per_s_per_core'] / 1e6:.2f} | {w['peak_total_mib']:.0f} | "
                          f"{w['peak_worker_mib']:.0f} |")
-    t = rep["targets"]
-    lines += ["", "Targets:"]
-    for k, v in t.items():
-        lines.append(f"- {k}: {v:.3g}")
     return "\n".join(lines) + "\n"
 
 

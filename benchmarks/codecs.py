@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -48,8 +49,8 @@ def measure(x: np.ndarray, path: str, reps: int = 3) -> list[dict]:
         a[...] = x
         enc = time.perf_counter() - t
         stored = sum(
-            __import__("os").path.getsize(__import__("os").path.join(d, f))
-            for d, _, fs in __import__("os").walk(path) for f in fs
+            os.path.getsize(os.path.join(d, f))
+            for d, _, fs in os.walk(path) for f in fs
         )
         dec = []
         for _ in range(reps):
@@ -66,7 +67,7 @@ def measure(x: np.ndarray, path: str, reps: int = 3) -> list[dict]:
 
 
 def main(argv=None):
-    from filterdb_dask.run import _count
+    from benchmarks import parse_count as _count
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--filters", type=_count, default=4_000_000)

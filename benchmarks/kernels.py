@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from benchmarks import parse_count
+
 CHUNK = 1 << 20
 
 #: per-core ceilings (filters/s) and the reasoning behind them; see module docstring
@@ -39,12 +41,6 @@ LIMITS = {
 }
 
 TARGET_PER_THREAD = 30e6
-
-
-def _count(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
-    return int(float(s[:-1]) * mult[s[-1]]) if s[-1] in mult else int(s)
 
 
 def make_inputs(n: int, seed: int = 0) -> dict:
@@ -165,7 +161,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--filters", type=_count, default=4_000_000)
+    p.add_argument("--filters", type=parse_count, default=4_000_000)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--engine", default="numba", help="comma-separated: numba,numpy")
     p.add_argument("--json", default=None, help="also write the figures here")

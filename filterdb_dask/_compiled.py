@@ -11,13 +11,20 @@ Exactness
   multiplies and adds in the same order as :func:`kernels.project`, with no
   fast-math (no reassociation, no fused multiply-add), so coefficients are
   bitwise equal to the numpy kernel's and bin counts identical.
-* Bin indices start from a guess ``(v - lo) * (bins / (hi - lo))`` and are then
-  corrected against the bin edges, exactly as ``np.histogram`` corrects its own
-  guess; a guess within one bin of the answer (always, barring a range of a few
-  ulps) gives numpy's bin.
-* Pass-1 moments use a shifted-data single sweep; sums run in four interleaved
-  float64 partial sums (a fixed order: the same bits on every machine, process and
-  buffer alignment) and agree with the numpy kernel to rounding (tests: 1e-9).
+* Bins: the guess ``g = (v - lo) * scale`` is trusted when it lies farther than
+  ``_tolerance`` (>= 1e-9 bins, far above its rounding error) from an integer: then
+  ``floor(g)`` is the bin the edges define. Otherwise (about one value in 10^9) the
+  exact search decides: np.histogram's own guess-and-correct rule on the coarse
+  edges, then the sub-bin on the fine edges (``_fine_exact``), or searchsorted
+  semantics for the 2-D density. Pass 3 finds only the fine bin; its coarse bin is
+  ``fine // sub`` because the fine edges contain the coarse ones bit for bit.
+* Pass 1 sums in the fixed order of :func:`kernels._fixed_sums` (row r of a layer
+  feeds lane r % LANES; lanes summed pairwise), without fast-math: the same bits as
+  the numpy kernel, on every machine, process and chunking.
+
+Speed (one thread, see ``python -m benchmarks.kernels``): long row loops with
+indices LLVM can prove non-negative (no wrap-around, so no gathers) vectorise;
+lane counts are run-time values where a constant would be unrolled into scalars.
 """
 
 from __future__ import annotations
@@ -107,22 +114,21 @@ def _project_block(S, n, mean, comps, C):
 @njit(**_OPTS)
 def _abs_max(x, a, b, lw, M):
     """max |x[a:b]| over all values; lane-wise in M[:lw] (max is exact in any order)."""
-    flat = x.reshape(-1)
+    flat = x.reshape(-1)[a * NF : b * NF]
     M[:] = 0.0
-    lo = a * NF
-    hi = b * NF
-    top = lo + (hi - lo) // lw * lw
-    for i0 in range(lo, top, lw):
-        for l in range(lw):
-            v = abs(np.float64(flat[i0 + l]))
-            M[l] = v if v > M[l] else M[l]
-    for i in range(top, hi):
+    ng = flat.shape[0] // LANES_MAX
+    for g in range(ng):
+        i0 = g * LANES_MAX  # provably >= 0: no wrap-around, no gathers
+        for ln in range(lw):
+            v = abs(np.float64(flat[i0 + ln]))
+            M[ln] = v if v > M[ln] else M[ln]
+    for i in range(ng * LANES_MAX, flat.shape[0]):
         v = abs(np.float64(flat[i]))
         M[0] = v if v > M[0] else M[0]
     m = 0.0
-    for l in range(lw):
-        if M[l] > m:
-            m = M[l]
+    for ln in range(lw):
+        if M[ln] > m:
+            m = M[ln]
     return m
 
 
@@ -147,16 +153,16 @@ def _lane_add_products(D, m, PJ, PM, L):
 
 @njit(**_OPTS)
 def _lane_tree(v, used, t):
-    """Sum of the lanes v[:BLOCK] in a fixed pairwise order: lane l + lane l + half,
+    """Sum of the lanes v[:BLOCK] in a fixed pairwise order: lane i + lane i + half,
     halving until one is left. Lanes from ``used`` on are taken as +0.0 and never
     read: adding +0.0 changes no lane (a lane is never -0.0), so skipping those
     additions gives the same bits as doing them. ``t`` is scratch."""
-    for l in range(used):
-        t[l] = v[l]
+    for ln in range(used):
+        t[ln] = v[ln]
     h = v.shape[0] // 2
     while h >= 1:
-        for l in range(max(0, used - h)):
-            t[l] = t[l] + t[l + h]
+        for ln in range(max(0, used - h)):
+            t[ln] = t[ln] + t[ln + h]
         used = min(used, h)
         h //= 2
     return t[0] if used > 0 else 0.0
@@ -289,8 +295,8 @@ def _tolerance(lo: float, hi: float, scale: float, nbins: int) -> float:
 
 
 @njit(**_OPTS)
-def _bin_fast(C, kk, n, lo, scale, nbins, tol, I):
-    """I[k, :n] = bin of C[k, :n] (k < kk) on uniform bins where the guess is
+def _bin_fast(C, kk, n, lo, scale, nbins, tol, idx):
+    """idx[k, :n] = bin of C[k, :n] (k < kk) on uniform bins where the guess is
     certain, else -1. Branch-free, so that it vectorises across rows."""
     top = np.float64(nbins)
     for k in range(kk):
@@ -301,7 +307,7 @@ def _bin_fast(C, kk, n, lo, scale, nbins, tol, I):
             gi = np.int32(gc)
             fr = gc - np.float64(gi)
             good = inside & (fr > tol) & (fr < 1.0 - tol)
-            I[k, r] = gi if good else np.int32(-1)
+            idx[k, r] = gi if good else np.int32(-1)
 
 
 @njit(**_OPTS)
@@ -370,7 +376,7 @@ def _range_density_core(x, bounds, mean, comps, dedges, dtol, rng, dens):
     S = np.empty((NF, BLOCK))
     C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
-    I = np.empty((NF, BLOCK), dtype=np.int32)
+    idx = np.empty((NF, BLOCK), dtype=np.int32)
     LO = np.full(BLOCK, np.inf)
     HI = np.full(BLOCK, -np.inf)
     nb = dedges.shape[0] - 1
@@ -387,12 +393,12 @@ def _range_density_core(x, bounds, mean, comps, dedges, dtol, rng, dens):
                     v = C[k, r]
                     LO[r] = v if v < LO[r] else LO[r]
                     HI[r] = v if v > HI[r] else HI[r]
-            _bin_fast(C, 2, m, dlo, dscale, nb, dtol, I)
+            _bin_fast(C, 2, m, dlo, dscale, nb, dtol, idx)
             for r in range(m):
-                i0 = I[0, r]
+                i0 = idx[0, r]
                 if i0 < 0:
                     i0 = _bin_searchsorted(C[0, r], dedges, dscale)
-                i1 = I[1, r]
+                i1 = idx[1, r]
                 if i1 < 0:
                     i1 = _bin_searchsorted(C[1, r], dedges, dscale)
                 if i0 >= 0 and i1 >= 0:
@@ -433,7 +439,7 @@ def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, tol, hist, fi
     S = np.empty((NF, BLOCK))
     C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
-    I = np.empty((NF, BLOCK), dtype=np.int32)
+    idx = np.empty((NF, BLOCK), dtype=np.int32)
     nb = edges.shape[0] - 1
     nf = fedges.shape[0] - 1
     sub = nf // nb
@@ -460,10 +466,10 @@ def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, tol, hist, fi
             m = min(BLOCK, b - r0)
             _scale_block(x, r0, m, S, P)
             _project_block(S, m, mean, comps, C)
-            _bin_fast(C, NF, m, lo, fscale, nf, tol, I)
+            _bin_fast(C, NF, m, lo, fscale, nf, tol, idx)
             for r in range(m):
                 for k in range(NF):
-                    i = I[k, r]
+                    i = idx[k, r]
                     if i < 0:
                         i = _fine_exact(C[k, r], edges, fedges, fscale, sub)
                         if i < 0:

@@ -13,8 +13,8 @@ Conventions
 Per-layer outputs follow the order of ``bounds``.
 
 Accumulation is always float64. The compiled twins of these kernels live in
-:mod:`filterdb_dask._compiled`; they visit the same values in the same order, so
-counts are identical and float results agree to rounding (see tests).
+:mod:`filterdb_dask._compiled`; they do the same float operations in the same
+order, so their results are the same bits (see tests), whatever the chunking.
 """
 
 from __future__ import annotations

@@ -4,24 +4,45 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.__main__ import main
+import pytest
+
+from benchmarks import parse_count
+from benchmarks.__main__ import TARGETS, main
 
 
 def test_small_benchmark_run(tmp_path):
     out = tmp_path / "bench"
-    assert main(["--filters", "300k", "--out", str(out), "--repeat", "1", "--workers", "2",
-                 "--scaling", "100k,300k", "--skip",
+    assert main(["--filters", "300k,200k", "--out", str(out), "--repeat", "1", "--workers",
+                 "2", "--kernel-filters", "200k", "--scaling", "100k", "--skip",
                  "flox grouped histograms,dask-histogram grouped histograms"]) == 0
     rep = json.loads((out / "bench.json").read_text())
-    c = rep["contenders"]
-    assert set(c) >= {"read floor", "filterdb_dask whole analysis", "authors' method in memory",
-                      "dask-ml PCA (tsqr)", "xhistogram grouped histograms", "hand-rolled dask"}
+    assert [r["n"] for r in rep["runs"]] == [300_000, 200_000]
+    c = rep["runs"][0]["contenders"]
+    assert set(c) >= {"read floor", "read floor (threads)", "filterdb_dask whole analysis",
+                      "authors' method in memory", "dask-ml PCA (tsqr)",
+                      "xhistogram grouped histograms", "hand-rolled dask"}
     whole = c["filterdb_dask whole analysis"]["errors"]
     assert whole["histogram_cells_differing"] == 0
     assert whole["smallest_eigenvalue_rel_error"] < 1e-9
     assert whole["kl_max_rel_error"] < 1e-9
     assert c["filterdb_dask pass 3"]["errors"]["histogram_cells_differing"] == 0
-    assert [s["n"] for s in rep["scaling"]] == [100_000, 300_000]
-    assert rep["machine"]["cores"] >= 1 and rep["convert"]["n"] == 300_000
+    for run in rep["runs"]:
+        t = run["targets"]["targets"]
+        assert set(t) == set(TARGETS)
+        for r in t.values():  # every target measured, with a verdict that follows it
+            assert r["value"] is not None and r["pass"] == (r["value"] >= r["target"])
+    k = rep["kernels"]
+    for eng in ("numba", "numpy"):
+        assert all(k[eng][f"pass {i}"]["filters_per_s"] > 0 for i in (1, 2, 3))
+    assert all(k["limits"][f"pass {i}"]["filters_per_s"] > 0 for i in (1, 2, 3))
+    assert [s["n"] for s in rep["scaling"]] == [100_000]
     md = (out / "bench.md").read_text()
-    assert "| filterdb_dask whole analysis |" in md and "Targets:" in md
+    assert "| filterdb_dask whole analysis |" in md and "| target | measured |" in md
+    assert "Kernels alone" in md and "per-core limit" in md
+
+
+def test_counts_parse():
+    assert parse_count("20M") == 20_000_000 and parse_count("300k") == 300_000
+    assert parse_count("7") == 7
+    with pytest.raises(ValueError, match="not a count: 'lots'"):
+        parse_count("lots")
