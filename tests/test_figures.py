@@ -191,7 +191,8 @@ def test_ridge_bandwidth_is_kdepy_silverman_of_the_group(built):
             # n and sigma exact; quartiles from the fine histogram, within one fine bin
             factor = (3 * len(data) / 4) ** -0.2
             assert abs(got - want) <= 1.01 * width / 1.3489795 * factor + 1e-12, (gi, k)
-            assert got == pytest.approx(want, rel=0.02)
+            # one fine bin of quartile error is up to a few % for the narrowest group
+            assert got == pytest.approx(want, rel=0.04)
 
 
 def test_ridge_density_is_the_gaussian_kde_of_the_group(built):
