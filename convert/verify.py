@@ -6,7 +6,6 @@ this module plans them as tasks and compares with the source.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import dask
@@ -45,24 +44,27 @@ def _check_chunk(store_path, i, a, b, dtype, codec, marks, crc32, src_path, src_
 
 
 def verify(store: str, source: str | None = None, *, verbosity: int | None = None,
-           execution: cluster.Execution | None = None) -> VerifyReport:
+           execution: cluster.Execution | None = None,
+           storage_options: dict | None = None) -> VerifyReport:
     """Check every chunk and the meta table, and every row against ``source`` when given.
 
     ``execution`` says where to compute (:func:`filterdb_dask.cluster.execution`;
     default: dask's current scheduler, progress per ``verbosity``).
+    ``storage_options``: fsspec options for a URL ``store``.
 
     Raises
     ------
     StoreError
         Not a filterdb store, or incomplete.
     """
-    store = os.fspath(store)
-    rec = fmt.read_record(store)
+    loc = fmt.location(store, storage_options)
+    store = loc.url
+    rec = fmt.read_record(loc)
     if not rec.complete:
         raise StoreError(f"store {store!r} is incomplete; run its convert command again")
     report = VerifyReport(store, len(rec.chunks), source is not None)
     try:
-        fmt.read_meta(store, rec)
+        fmt.read_meta(loc, rec)
     except StoreError as exc:
         report.problems.append(str(exc))
     src_path = src_name = None
@@ -76,7 +78,7 @@ def verify(store: str, source: str | None = None, *, verbosity: int | None = Non
             return report
     tasks = [
         dask.delayed(_check_chunk, pure=True)(
-            store, i, int(a), int(b), rec.dtype, rec.codec, rec.chunk_marks(i),
+            loc, i, int(a), int(b), rec.dtype, rec.codec, rec.chunk_marks(i),
             int(rec.checksums[i]), src_path, src_name,
         )
         for i, (a, b) in enumerate(rec.chunks)

@@ -66,7 +66,7 @@ def _read_hashed(src_path: str, name: str, a: int, b: int) -> tuple[np.ndarray, 
 
 # ----------------------------------------------------------------------- tasks
 def _write_chunk(
-    store_path: str, src_path: str, name: str, i: int, a: int, b: int, dtype: str, codec: str
+    store_path: str | fmt.Location, src_path: str, name: str, i: int, a: int, b: int, dtype: str, codec: str
 ):
     """Read, check and write chunk ``i``; returns (i, mark, n_bad, first bad rows)."""
     x, digest = _read_hashed(src_path, name, a, b)
@@ -99,14 +99,15 @@ def convert(
     filters_name: str | None = None,
     verbosity: int | None = None,
     execution: cluster.Execution | None = None,
+    storage_options: dict | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (dataset.h5) into the store ``target`` (resumable).
 
     Parameters
     ----------
     source : the input HDF5 file.
-    target : the store directory; created, resumed, or refused if it belongs to
-        another source.
+    target : the store directory or object-store URL (``s3://bucket/db.zarr``);
+        created, resumed, or refused if it belongs to another source.
     chunk_filters : the largest chunk wanted, in filters (default 2**20).
     dtype : 'float32' or 'float64' for the store; default: the source's dtype
         (float16 sources are stored as float32). Casting float64 to float32 halves
@@ -116,11 +117,13 @@ def convert(
     verbosity : progress output (0 quiet) when no ``execution`` is given.
     execution : where to compute (:func:`filterdb_dask.cluster.execution`);
         default: dask's current scheduler.
+    storage_options : fsspec options for a URL target (endpoint, credentials, ...).
 
     Raises
     ------
     InputError, StoreError, StoreBusyError
     """
+    loc = fmt.location(target, storage_options)
     src = read_source(source, name=filters_name)
     store_dtype = np.dtype(dtype or (np.float32 if src.dtype == np.float16 else src.dtype))
     if store_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -142,17 +145,15 @@ def convert(
                 "shape": list(src.shape), "dtype": src.dtype.name,
                 "fingerprint": fingerprint(src)},
     )
-    target = os.fspath(target)
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise StoreError(f"target {target!r} exists and is not a directory")
-    os.makedirs(target, exist_ok=True)
+    target = loc.url
+    loc.prepare()
     src_path = os.path.abspath(src.path)
-    with fmt.StoreLock(target):
-        complete, done = fmt.create_or_resume(target, wanted)
+    with fmt.StoreLock(loc):
+        complete, done = fmt.create_or_resume(loc, wanted)
         if complete is not None:
             return ConvertResult(target, src.n_filters, len(plan), 0, len(plan),
                                  src.unreferenced, store_dtype.name)
-        wanted.meta_sha256 = fmt.write_meta(target, meta)
+        wanted.meta_sha256 = fmt.write_meta(loc, meta)
         tasks = []
         for i, (a, b) in enumerate(plan):
             if i in done:
@@ -160,7 +161,7 @@ def convert(
                     src_path, src.name, i, int(a), int(b), done[i].source_sha256))
             else:
                 tasks.append(dask.delayed(_write_chunk, pure=False)(
-                    target, src_path, src.name, i, int(a), int(b), store_dtype.name, codec))
+                    loc, src_path, src.name, i, int(a), int(b), store_dtype.name, codec))
         ex = cluster.ensure(execution, verbosity)
         (results,) = ex.compute(tasks, label="convert", io_bound=True) if tasks else ((),)
         marks = dict(done)
@@ -188,7 +189,7 @@ def convert(
                 f"{src.path!r}: the filters hold {bad_total} NaN/Inf values (first rows: "
                 f"{sorted(bad_rows)[:5]}); the store was left incomplete"
             )
-        fmt.commit(target, wanted, marks)
+        fmt.commit(loc, wanted, marks)
     written = len(plan) - len(done)
     return ConvertResult(target, src.n_filters, len(plan), written, len(done),
                          src.unreferenced, store_dtype.name)

@@ -54,6 +54,23 @@ def default_cache_dir() -> str:
 
 
 # ------------------------------------------------------------------------- parser
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                   help="fsspec options for an object-store URL (s3://bucket/db.zarr), e.g. "
+                        "'{\"endpoint_url\": \"https://...\"}' or '{\"anon\": true}'; "
+                        "credentials also from AWS_* environment variables")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
 def _add_execution_options(p: argparse.ArgumentParser) -> None:
     """The execution options, the same for every command (meaning: filterdb_dask.cluster)."""
     from .cluster import JOBQUEUE, SCHEDULERS
@@ -174,25 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
             f"{PROG} convert dataset.h5 dataset.zarr\n"
             f"{PROG} convert dataset.h5 dataset.zarr --dtype float32 --chunk-filters 4M\n")
     c.add_argument("source", help="dataset.h5")
-    c.add_argument("target", help="store directory (created or resumed)")
+    c.add_argument("target", help="store directory or s3:// URL (created or resumed)")
     c.add_argument("--chunk-filters", type=_count, default=1 << 20,
                    help="largest chunk in filters (default 1048576)")
     c.add_argument("--dtype", choices=("float32", "float64"),
                    help="store dtype (default: the source's; float32 halves the store)")
     c.add_argument("--codec", choices=("lz4", "zstd", "none"), default="lz4")
     c.add_argument("--filters-name", help="filter dataset name if not filter/filters")
+    _add_storage_options(c)
     _add_execution_options(c)
 
     v = add("verify", "re-check a store's checksums (and every row against the source)",
             f"{PROG} verify dataset.zarr\n{PROG} verify dataset.zarr dataset.h5\n")
     v.add_argument("store")
     v.add_argument("source", nargs="?")
+    _add_storage_options(v)
     _add_execution_options(v)
 
     i = add("info", "what a store holds: models, layers, filters, groups, chunks, size",
             f"{PROG} info dataset.zarr\n{PROG} info dataset.zarr --json\n")
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_storage_options(i)
 
     a = add("analyze", "run the whole analysis (3 passes) and write results + report",
             f"{PROG} analyze dataset.zarr --out results/\n"
@@ -212,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset PCA (repeatable; default one per Visual Category)")
     a.add_argument("--engine", choices=("auto", "numba", "numpy"), default="auto")
     a.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    _add_storage_options(a)
     _add_execution_options(a)
 
     r = add("report", "(re)build DIR/report.html and PNGs from an analysis directory",
@@ -267,7 +288,7 @@ def cmd_convert(args) -> int:
     with _execution(args) as ex:
         res = convert(args.source, args.target, chunk_filters=args.chunk_filters,
                       dtype=args.dtype, codec=args.codec, filters_name=args.filters_name,
-                      execution=ex)
+                      execution=ex, storage_options=args.storage_options)
     note = f", {res.unreferenced:,} rows referenced by no meta row" if res.unreferenced else ""
     print(f"converted {args.source} -> {res.path}: {res.n_filters:,} filters in "
           f"{res.n_chunks} chunks ({res.written} written, {res.skipped} already done), "
@@ -279,7 +300,8 @@ def cmd_verify(args) -> int:
     from convert.verify import verify
 
     with _execution(args) as ex:
-        rep = verify(args.store, args.source, execution=ex)
+        rep = verify(args.store, args.source, execution=ex,
+                     storage_options=args.storage_options)
     if rep.ok:
         what = " and the source" if rep.checked_source else ""
         print(f"{args.store}: {rep.chunks} chunks OK (checksums{what})")
@@ -290,17 +312,15 @@ def cmd_verify(args) -> int:
     return 1
 
 
-def store_info(path: str) -> dict:
-    """Summary of a store for ``info``."""
+def store_info(path: str, storage_options: dict | None = None) -> dict:
+    """Summary of a store (directory or URL) for ``info``."""
     import numpy as np
 
     from .groups import DEFAULT_BY, make_grouping
     from .store import open_store
 
-    st = open_store(path)
-    size = sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
-    )
+    st = open_store(path, storage_options)
+    size = st.location.size()
     sizes = np.diff(st.plan, axis=1).ravel()
     groups = {}
     for by in DEFAULT_BY:
@@ -328,7 +348,7 @@ def store_info(path: str) -> dict:
 
 
 def cmd_info(args) -> int:
-    info = store_info(args.store)
+    info = store_info(args.store, args.storage_options)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -341,7 +361,7 @@ def cmd_info(args) -> int:
     cf = info["chunk_filters"]
     print(f"chunks     {info['chunks']} (filters per chunk: min {cf['min']:,}, median "
           f"{cf['median']:,}, max {cf['max']:,}); codec {info['codec']}")
-    print(f"size       {info['size_bytes'] / 2**20:,.1f} MiB on disk")
+    print(f"size       {info['size_bytes'] / 2**20:,.1f} MiB stored")
     if info["unreferenced_filters"]:
         print(f"unreferenced rows {info['unreferenced_filters']:,}")
     print("groups     " + ", ".join(f"{k}: {v}" for k, v in info["groups"].items()))
@@ -353,7 +373,7 @@ def cmd_analyze(args) -> int:
     from .groups import DEFAULT_BY
     from .store import open_store
 
-    store = open_store(args.store)  # fail fast, before any cluster starts
+    store = open_store(args.store, args.storage_options)  # fail fast, before any cluster starts
     subsets = None
     if args.subset:
         subsets = {}

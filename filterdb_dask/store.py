@@ -30,7 +30,7 @@ class FilterStore:
 
     Attributes
     ----------
-    path : the store directory.
+    path : the store directory or URL.
     filters : dask array (N, 9), chunks = the store's model-aligned chunks; every
         block is verified when read.
     meta : DataFrame, one row per layer (original index and columns) plus int64
@@ -44,6 +44,7 @@ class FilterStore:
     meta: pd.DataFrame
     plan: np.ndarray
     record: fmt.StoreRecord
+    location: fmt.Location | None = None
 
     @property
     def attrs(self) -> dict:
@@ -109,12 +110,15 @@ def _validate_not_a_source(path: str) -> None:
     )
 
 
-def open_store(path: str | os.PathLike) -> FilterStore:
+def open_store(path: str | os.PathLike | fmt.Location,
+               storage_options: dict | None = None) -> FilterStore:
     """Open a complete filter store, checked against its own record.
 
     Parameters
     ----------
-    path : the store directory written by ``convert``.
+    path : the store directory written by ``convert``, or its object-store URL
+        (``s3://bucket/db.zarr``).
+    storage_options : fsspec options for a URL (endpoint, credentials, ``anon``).
 
     Returns
     -------
@@ -135,28 +139,31 @@ def open_store(path: str | os.PathLike) -> FilterStore:
     >>> store.filters                                  # doctest: +SKIP
     dask.array<filters, shape=(1464797156, 9), dtype=float32, ...>
     """
-    _validate_not_a_source(os.fspath(path))
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    path = os.fspath(path)
-    rec = fmt.read_record(path)
+    loc = fmt.location(path, storage_options)
+    path = loc.url
+    if not loc.remote:
+        _validate_not_a_source(loc.path)
+    rec = fmt.read_record(loc)
     if not rec.complete:
         raise StoreError(
             f"store {path!r} is incomplete: its conversion did not finish; run the same "
             "convert command again to resume it"
         )
-    meta = fmt.read_meta(path, rec)
-    fmt.check_all_chunk_metadata(path, rec)
+    meta = fmt.read_meta(loc, rec)
+    fmt.check_all_chunk_metadata(loc, rec)
     plan = rec.chunks
-    name = "filters-" + tokenize(path, rec.to_attrs())
+    name = "filters-" + tokenize(loc, rec.to_attrs())
     dsk = {
-        (name, i, 0): (fmt.read_chunk, path, i, int(a), int(b), rec.dtype, rec.codec,
+        (name, i, 0): (fmt.read_chunk, loc, i, int(a), int(b), rec.dtype, rec.codec,
                        rec.chunk_marks(i))
         for i, (a, b) in enumerate(plan)
     }
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     sizes = tuple(int(b - a) for a, b in plan)
     filters = da.Array(graph, name, chunks=(sizes, (9,)), dtype=np.dtype(rec.dtype))
-    return FilterStore(path=path, filters=filters, meta=meta, plan=plan, record=rec)
+    return FilterStore(path=path, filters=filters, meta=meta, plan=plan, record=rec,
+                       location=loc)

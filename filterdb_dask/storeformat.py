@@ -58,6 +58,172 @@ CODECS = ("lz4", "zstd", "none")
 _REPAIR = "run `filterdb-dask verify` on it and convert the source again"
 
 
+# ------------------------------------------------------------------ where a store is
+@dataclass(frozen=True)
+class Location:
+    """Where a store lives: a local directory or an fsspec URL (``s3://bucket/db.zarr``).
+
+    The one place that knows the difference: everything else in this module asks it
+    for a Zarr store and for the few whole-object operations the lock and the resume
+    checks need. Picklable (it travels inside every chunk task); ``options`` are the
+    fsspec storage options as JSON (credentials may also come from the environment:
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``).
+    """
+
+    url: str
+    options: str = "{}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.url and not self.url.startswith("file://")
+
+    @property
+    def path(self) -> str:
+        """The local directory (local stores only)."""
+        return self.url[len("file://"):] if self.url.startswith("file://") else self.url
+
+    def zarr_store(self):
+        """What zarr opens: the path itself, or an fsspec store (cached per process)."""
+        return _fsspec_store(self.url, self.options) if self.remote else self.path
+
+    def _fs(self):
+        return _filesystem(self.url, self.options)
+
+    def _key(self, name: str) -> str:
+        return self._fs()[1].rstrip("/") + "/" + name
+
+    def exists(self, name: str = "") -> bool:
+        """Does the store (``name=""``: anything under it) or its object ``name`` exist?"""
+        if not self.remote:
+            return os.path.exists(os.path.join(self.path, name) if name else self.path)
+        fs, root = self._fs()
+        return bool(fs.exists(self._key(name))) if name else bool(self.listdir())
+
+    def listdir(self) -> list[str]:
+        """Names directly under the store ([] if nothing is there)."""
+        if not self.remote:
+            return os.listdir(self.path)
+        fs, root = self._fs()
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False,
+                                                                     refresh=True)]
+        except FileNotFoundError:
+            return []
+
+    def prepare(self) -> None:
+        """Make the store's directory (local) or check its bucket is reachable."""
+        if not self.remote:
+            if os.path.exists(self.path) and not os.path.isdir(self.path):
+                raise StoreError(f"target {self.url!r} exists and is not a directory")
+            os.makedirs(self.path, exist_ok=True)
+            return
+        if not self.url.startswith("s3://"):
+            raise StoreError(
+                f"writing to {self.url.split('://')[0]}:// is not supported (the lock needs "
+                "conditional writes; s3:// and local directories are); reading is"
+            )
+        fs, root = self._fs()
+        bucket = root.split("/", 1)[0]
+        try:
+            fs.ls(bucket, detail=False)
+        except Exception as exc:
+            raise StoreError(f"bucket {bucket!r} of {self.url!r} cannot be listed "
+                             f"({type(exc).__name__}: {exc}); create it or check the "
+                             "credentials and endpoint") from exc
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write object ``name`` only if it does not exist (exclusive create locally,
+        ``If-None-Match: *`` on S3). False if it exists."""
+        if not self.remote:
+            try:
+                fd = os.open(os.path.join(self.path, name),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return True
+        try:
+            self._fs()[0].pipe_file(self._key(name), data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def read_small(self, name: str, limit: int = 4096) -> bytes | None:
+        """The first ``limit`` bytes of object ``name`` (None if absent or unreadable)."""
+        try:
+            if not self.remote:
+                with open(os.path.join(self.path, name), "rb") as fh:
+                    return fh.read(limit)
+            return self._fs()[0].cat_file(self._key(name), start=0, end=limit)
+        except (OSError, ValueError):
+            return None
+
+    def remove(self, name: str) -> None:
+        try:
+            if not self.remote:
+                os.remove(os.path.join(self.path, name))
+            else:
+                self._fs()[0].rm_file(self._key(name))
+        except FileNotFoundError:
+            pass
+
+    def size(self) -> int:
+        """Bytes stored under the store."""
+        if not self.remote:
+            return sum(os.path.getsize(os.path.join(d, f))
+                       for d, _, fs in os.walk(self.path) for f in fs)
+        fs, root = self._fs()
+        return int(fs.du(root, total=True))
+
+
+def location(where: str | os.PathLike | Location,
+             storage_options: dict | None = None) -> Location:
+    """The :class:`Location` of a path or URL (``s3://bucket/db.zarr``).
+
+    Raises
+    ------
+    StoreError
+        Storage options given for a local path, or fsspec cannot handle the URL's
+        protocol (e.g. s3:// without ``pip install 'filterdb-dask[s3]'``).
+    """
+    if isinstance(where, Location):
+        return where
+    url = os.fspath(where)
+    loc = Location(url, json.dumps(storage_options or {}, sort_keys=True))
+    if not loc.remote:
+        if storage_options:
+            raise StoreError(f"--storage-options are for object-store URLs, not the "
+                             f"local path {url!r}")
+        return loc
+    try:
+        loc._fs()
+    except ImportError as exc:
+        raise StoreError(f"{url!r} needs an fsspec backend that is not installed ({exc}); "
+                         "pip install 'filterdb-dask[s3]'") from exc
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"cannot open {url!r} ({type(exc).__name__}: {exc})") from exc
+    return loc
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(url: str, options: str):
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url, **json.loads(options))
+
+
+@functools.lru_cache(maxsize=8)
+def _fsspec_store(url: str, options: str):
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(url, storage_options=json.loads(options), read_only=False)
+
+
+
 def chunk_name(i: int) -> str:
     """Path of planned chunk ``i``'s array inside the store."""
     return f"filters/{i:05d}"
@@ -134,15 +300,21 @@ def _validate_record(rec: StoreRecord) -> None:
                 raise ValueError(f"chunk {i} has the wrong number of stored checksums")
 
 
-def read_record(path: str) -> StoreRecord:
+def read_record(path: str | Location) -> StoreRecord:
     """The record of the store at ``path``; StoreError for a missing or foreign path."""
     import zarr
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
+    loc = location(path)
+    path = loc.url
+    try:
+        found = loc.exists()
+    except Exception as exc:  # network, credentials, bucket: one line
+        raise StoreError(f"store {path!r} cannot be reached ({type(exc).__name__}: "
+                         f"{str(exc)[:120]})") from exc
+    if not found:
         raise StoreError(f"store {path!r} does not exist")
     try:
-        root = zarr.open_group(path, mode="r")
+        root = zarr.open_group(loc.zarr_store(), mode="r")
     except Exception as exc:  # zarr raises several types for a non-store
         raise StoreError(f"{path!r} is not a Zarr store ({type(exc).__name__})") from exc
     attrs = dict(root.attrs).get(ATTR_KEY)
@@ -208,13 +380,14 @@ def expected_chunk_metadata(rows: int, dtype: str, codec: str) -> dict:
     return md
 
 
-def _open_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str):
+def _open_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str):
     """Open chunk ``i``'s array and check its metadata against the record's."""
     import zarr
 
-    where = f"chunk {i} (rows {a}:{b}) of {path!r}"
+    loc = location(path)
+    where = f"chunk {i} (rows {a}:{b}) of {loc.url!r}"
     try:
-        arr = zarr.open_array(path, path=chunk_name(i), mode="r")
+        arr = zarr.open_array(loc.zarr_store(), path=chunk_name(i), mode="r")
         md = _plain(arr.metadata.to_dict())
     except Exception as exc:
         raise StoreError(f"{where} cannot be opened ({type(exc).__name__}: {exc}); "
@@ -255,7 +428,7 @@ def _stored_marks(arr) -> list[int | None]:
     return out
 
 
-def read_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str,
+def read_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str,
                marks: tuple[int, ...]) -> np.ndarray:
     """Rows ``[a, b)`` of planned chunk ``i``, verified: the task behind each block.
 
@@ -266,6 +439,7 @@ def read_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str,
         or is not the one recorded, or its bytes fail their CRC-32C.
     """
     arr = _open_chunk(path, i, a, b, dtype, codec)
+    path = location(path).url
     where = f"chunk {i} (rows {a}:{b}) of {path!r}"
     found = _stored_marks(arr)
     for j, (got, want) in enumerate(zip(found, marks, strict=True)):
@@ -304,7 +478,7 @@ class ChunkMark:
                 "source_sha256": self.source_sha256}
 
 
-def write_chunk(path: str, i: int, x: np.ndarray, a: int, b: int, dtype: str, codec: str,
+def write_chunk(path: str | Location, i: int, x: np.ndarray, a: int, b: int, dtype: str, codec: str,
                 source_sha256: str) -> ChunkMark:
     """Write planned chunk ``i`` (rows ``[a, b)``) as its own array; mark it last.
 
@@ -314,7 +488,7 @@ def write_chunk(path: str, i: int, x: np.ndarray, a: int, b: int, dtype: str, co
     y = np.ascontiguousarray(x, dtype=dtype)
     if y.shape != (b - a, 9):
         raise StoreError(f"chunk {i}: {y.shape} rows given for rows {a}:{b}")
-    arr = _create_chunk_array(path, chunk_name(i), b - a, dtype, codec)
+    arr = _create_chunk_array(location(path).zarr_store(), chunk_name(i), b - a, dtype, codec)
     arr[...] = y
     mark = ChunkMark(checksum(y), tuple(_stored_marks(arr)), source_sha256)
     # one write of zarr.json (``attrs.update`` writes it once per key): the mark is whole
@@ -322,7 +496,7 @@ def write_chunk(path: str, i: int, x: np.ndarray, a: int, b: int, dtype: str, co
     return mark
 
 
-def chunk_mark(path: str, i: int, a: int, b: int, dtype: str, codec: str) -> ChunkMark | None:
+def chunk_mark(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str) -> ChunkMark | None:
     """The commit mark of chunk ``i`` if it was completely written, else None."""
     try:
         arr = _open_chunk(path, i, a, b, dtype, codec)
@@ -337,7 +511,7 @@ def chunk_mark(path: str, i: int, a: int, b: int, dtype: str, codec: str) -> Chu
     return mark if len(mark.stored_crc32c) == _n_zarr_chunks(b - a) else None
 
 
-def check_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str,
+def check_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str,
                 marks: tuple[int, ...], crc32: int) -> tuple[list[str], object]:
     """Every check of chunk ``i``: what :func:`read_chunk` checks plus the CRC-32 of
     its values (``crc32``, recorded). Returns (problems, values or None)."""
@@ -351,9 +525,11 @@ def check_chunk(path: str, i: int, a: int, b: int, dtype: str, codec: str,
     return [], y
 
 
-def check_all_chunk_metadata(path: str, rec: StoreRecord) -> None:
+def check_all_chunk_metadata(path: str | Location, rec: StoreRecord) -> None:
     """Open every chunk array and compare its metadata with the record (threads)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    path = location(path)
 
     def one(item):
         i, (a, b) = item
@@ -375,57 +551,61 @@ def _pid_alive(pid: int) -> bool:
 
 
 class StoreLock:
-    """Exclusive lock file inside the store directory: one writer at a time
-    (``convert``, resumed or not, and ``ingest``). A lock left by a dead process on
-    this host is taken over."""
+    """Exclusive lock object inside the store: one writer at a time (``convert``,
+    resumed or not, and ``ingest``). Taken by an exclusive create: ``O_EXCL`` on a
+    local file system, a conditional write (``If-None-Match: *``) on S3. A lock left
+    by a dead process on this host is taken over; any other stale lock is removed by
+    hand (the message names it)."""
 
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, LOCK_NAME)
+    def __init__(self, directory: str | Location):
+        self.loc = location(directory)
+        self.path = (os.path.join(self.loc.path, LOCK_NAME) if not self.loc.remote
+                     else f"{self.loc.url.rstrip('/')}/{LOCK_NAME}")
         self.held = False
 
     def __enter__(self):
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    with open(self.path) as fh:
-                        other = json.load(fh)
-                except (OSError, ValueError):
-                    other = {}
-                if not isinstance(other, dict):
-                    other = {}
-                same_host = other.get("host") == me["host"]
-                try:
-                    pid = int(other.get("pid", -1))
-                except (TypeError, ValueError):
-                    pid = -1
-                if same_host and pid > 0 and not _pid_alive(pid):
-                    os.remove(self.path)  # left by a dead writer: take it over
-                    continue
+                taken = self.loc.create_exclusive(LOCK_NAME, json.dumps(me).encode())
+            except Exception as exc:  # the store refused or does not know conditional writes
                 raise StoreBusyError(
-                    f"another converter (pid {other.get('pid')!r} on "
-                    f"{other.get('host')!r}) is writing {os.path.dirname(self.path)!r}; "
-                    f"wait for it, or remove {self.path!r} if it is gone"
-                ) from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
+                    f"could not take the lock {self.path!r} ({type(exc).__name__}: "
+                    f"{str(exc)[:120]}); the store must support exclusive create "
+                    "(conditional writes)"
+                ) from exc
+            if taken:
+                self.held = True
+                return self
+            try:
+                other = json.loads(self.loc.read_small(LOCK_NAME) or b"{}")
+            except ValueError:
+                other = {}
+            if not isinstance(other, dict):
+                other = {}
+            same_host = other.get("host") == me["host"]
+            try:
+                pid = int(other.get("pid", -1))
+            except (TypeError, ValueError):
+                pid = -1
+            if same_host and pid > 0 and not _pid_alive(pid):
+                self.loc.remove(LOCK_NAME)  # left by a dead writer: take it over
+                continue
+            raise StoreBusyError(
+                f"another converter (pid {other.get('pid')!r} on "
+                f"{other.get('host')!r}) is writing {self.loc.url!r}; "
+                f"wait for it, or remove {self.path!r} if it is gone"
+            )
         raise StoreBusyError(f"could not take the lock {self.path!r}")
 
     def __exit__(self, *exc):
         if self.held:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+            self.loc.remove(LOCK_NAME)
         return False
 
 
 # ------------------------------------------------------------- create, resume, commit
-def create_or_resume(path: str, rec: StoreRecord) -> tuple[StoreRecord | None, dict]:
+def create_or_resume(path: str | Location, rec: StoreRecord) -> tuple[StoreRecord | None, dict]:
     """Start or resume writing ``rec`` at ``path`` (hold :class:`StoreLock`).
 
     Returns
@@ -440,14 +620,16 @@ def create_or_resume(path: str, rec: StoreRecord) -> tuple[StoreRecord | None, d
     """
     import zarr
 
-    if set(os.listdir(path)) - {LOCK_NAME}:
-        if not os.path.exists(os.path.join(path, "zarr.json")):
+    loc = location(path)
+    path = loc.url
+    if set(loc.listdir()) - {LOCK_NAME}:
+        if not loc.exists("zarr.json"):
             raise StoreError(
                 f"target {path!r} exists, is not empty and is not a filterdb store; "
                 "choose another target"
             )
         try:
-            attrs = dict(zarr.open_group(path, mode="r").attrs).get(ATTR_KEY)
+            attrs = dict(zarr.open_group(loc.zarr_store(), mode="r").attrs).get(ATTR_KEY)
         except Exception:
             attrs = None
         if not isinstance(attrs, dict):
@@ -474,20 +656,22 @@ def create_or_resume(path: str, rec: StoreRecord) -> tuple[StoreRecord | None, d
                 )
         if old.complete:
             return old, {}
-    root = zarr.open_group(path, mode="a")
+    root = zarr.open_group(loc.zarr_store(), mode="a")
     root.attrs[ATTR_KEY] = dict(rec.to_attrs(), complete=False)
     done = {}
     for i, (a, b) in enumerate(rec.chunks):
-        mark = chunk_mark(path, i, int(a), int(b), rec.dtype, rec.codec)
+        mark = chunk_mark(loc, i, int(a), int(b), rec.dtype, rec.codec)
         if mark is not None:
             done[i] = mark
     return None, done
 
 
-def commit(path: str, rec: StoreRecord, marks: dict[int, ChunkMark]) -> StoreRecord:
+def commit(path: str | Location, rec: StoreRecord, marks: dict[int, ChunkMark]) -> StoreRecord:
     """Record every chunk's marks and set ``complete``: the store's last write."""
     import zarr
 
+    loc = location(path)
+    path = loc.url
     k = len(rec.chunks)
     missing = [i for i in range(k) if i not in marks]
     if missing:
@@ -497,7 +681,7 @@ def commit(path: str, rec: StoreRecord, marks: dict[int, ChunkMark]) -> StoreRec
     final.stored_crc32c = [list(marks[i].stored_crc32c) for i in range(k)]
     final.source_sha256 = [marks[i].source_sha256 for i in range(k)]
     final.complete = True
-    zarr.open_group(path, mode="a").attrs[ATTR_KEY] = final.to_attrs()
+    zarr.open_group(loc.zarr_store(), mode="a").attrs[ATTR_KEY] = final.to_attrs()
     return final
 
 
@@ -513,6 +697,9 @@ def append(path: str, x: np.ndarray, plan_new: np.ndarray, meta: pd.DataFrame, *
     """
     import zarr
 
+    if location(path).remote:
+        raise StoreError(f"ingest into an object store ({path!r}) is not supported; "
+                         "ingest into a local store and copy it")
     os.makedirs(path, exist_ok=True)
     with StoreLock(path):
         if new_store is not None:
@@ -579,14 +766,14 @@ def _meta_digest(spec: list, index: list, arrays: dict) -> str:
     return h.hexdigest()
 
 
-def write_meta(path: str, meta: pd.DataFrame) -> str:
+def write_meta(path: str | Location, meta: pd.DataFrame) -> str:
     """One array per meta column; strings as UTF-8 plus a NA mask; no pickles.
 
     Returns the table's digest, for the record.
     """
     import zarr
 
-    g = zarr.open_group(path, mode="a").require_group("meta")
+    g = zarr.open_group(location(path).zarr_store(), mode="a").require_group("meta")
     spec, arrays = [], {}
     for j, name in enumerate(meta.columns):
         s = meta[name]
@@ -611,7 +798,7 @@ def write_meta(path: str, meta: pd.DataFrame) -> str:
     return _meta_digest(spec, index, arrays)
 
 
-def read_meta(path: str, rec: StoreRecord) -> pd.DataFrame:
+def read_meta(path: str | Location, rec: StoreRecord) -> pd.DataFrame:
     """The meta table, checked: its digest against the record, and every layer's
     ``start``/``stop`` inside its chunk of the plan.
 
@@ -622,9 +809,11 @@ def read_meta(path: str, rec: StoreRecord) -> pd.DataFrame:
     """
     import zarr
 
+    loc = location(path)
+    path = loc.url
     where = f"the meta table of {path!r}"
     try:
-        g = zarr.open_group(path, mode="r", path="meta")
+        g = zarr.open_group(loc.zarr_store(), mode="r", path="meta")
         spec = list(g.attrs["columns"])
         index = list(g.attrs.get("index", []))
         arrays = {}
