@@ -66,7 +66,8 @@ def _read_hashed(src_path: str, name: str, a: int, b: int) -> tuple[np.ndarray, 
 
 # ----------------------------------------------------------------------- tasks
 def _write_chunk(
-    store_path: str | fmt.Location, src_path: str, name: str, i: int, a: int, b: int, dtype: str, codec: str
+    store_path: str | fmt.Location, src_path: str, name: str, i: int, a: int, b: int,
+    dtype: str, codec: str,
 ):
     """Read, check and write chunk ``i``; returns (i, mark, n_bad, first bad rows)."""
     x, digest = _read_hashed(src_path, name, a, b)

@@ -496,7 +496,8 @@ def write_chunk(path: str | Location, i: int, x: np.ndarray, a: int, b: int, dty
     return mark
 
 
-def chunk_mark(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str) -> ChunkMark | None:
+def chunk_mark(path: str | Location, i: int, a: int, b: int, dtype: str,
+               codec: str) -> ChunkMark | None:
     """The commit mark of chunk ``i`` if it was completely written, else None."""
     try:
         arr = _open_chunk(path, i, a, b, dtype, codec)
