@@ -53,7 +53,7 @@ _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 @njit(**_OPTS)
 def _load_block(x, r0, n, W, S, P):
     """Filters W[:, :n] (float64, feature-major), peaks P[:n] and scaled filters
-    S[:, :n] of rows r0..r0+n. W may be S (then it ends scaled)."""
+    S[:, :n] of rows r0..r0+n (W and S distinct arrays)."""
     for r in range(n):
         for j in range(NF):
             W[j, r] = np.float64(x[r0 + r, j])
@@ -72,8 +72,24 @@ def _load_block(x, r0, n, W, S, P):
 
 @njit(**_OPTS)
 def _scale_block(x, r0, n, S, P):
-    """Peaks P[:n] and scaled filters S[:, :n] (feature-major) of rows r0..r0+n."""
-    _load_block(x, r0, n, S, S, P)
+    """Peaks P[:n] and scaled filters S[:, :n] (feature-major) of rows r0..r0+n.
+
+    Its own loops, not ``_load_block(x, r0, n, S, S, P)``: with W and S the same
+    array LLVM's run-time alias check fails and every loop runs scalar (2x slower)."""
+    for r in range(n):
+        for j in range(NF):
+            S[j, r] = np.float64(x[r0 + r, j])
+    for r in range(n):
+        P[r] = abs(S[0, r])
+    for j in range(1, NF):
+        for r in range(n):
+            v = abs(S[j, r])
+            P[r] = v if v > P[r] else P[r]
+    for j in range(NF):
+        for r in range(n):
+            p = P[r]
+            q = S[j, r] / p
+            S[j, r] = q if p > 0 else 0.0
 
 
 @njit(**_OPTS)
