@@ -383,19 +383,20 @@ def _append_h5(path: str, meta, new: pd.DataFrame, x: np.ndarray) -> None:
 
 def _append_store(path: str, meta, new: pd.DataFrame, x: np.ndarray, kind: str) -> None:
     """Plan the new rows' chunks, then append them through the store format (locked)."""
+    from filterdb_dask import config
     from filterdb_dask import storeformat as fmt
 
     from .plan import chunk_layers, plan_chunks
     from .read import normalize_meta
-    from .write import DEFAULT_CHUNK_FILTERS
 
     new_store = None
     if kind == "new-store":
-        new_store = {"dtype": "float32", "codec": "lz4",
-                     "target_chunk_filters": DEFAULT_CHUNK_FILTERS,
+        target = config.get("convert.chunk-filters")
+        new_store = {"dtype": "float32", "codec": config.get("convert.codec"),
+                     "target_chunk_filters": target,
                      "source": {"path": None, "name": "filter", "shape": [0, 9],
                                 "dtype": "float32", "fingerprint": "ingest"}}
-        n0, target, old_plan = 0, DEFAULT_CHUNK_FILTERS, np.zeros((0, 2), np.int64)
+        n0, old_plan = 0, np.zeros((0, 2), np.int64)
     else:
         rec = fmt.read_record(path)
         n0, target, old_plan = rec.n_filters, rec.target_chunk_filters, rec.chunks

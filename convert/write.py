@@ -21,15 +21,13 @@ from dataclasses import dataclass
 import dask
 import numpy as np
 
-from filterdb_dask import cluster
+from filterdb_dask import cluster, config
 from filterdb_dask import storeformat as fmt
 from filterdb_dask.errors import InputError, StoreError
 from filterdb_dask.storeformat import CODECS
 
 from .plan import chunk_layers, plan_chunks
 from .read import Source, read_rows, read_source
-
-DEFAULT_CHUNK_FILTERS = 1 << 20
 
 
 @dataclass
@@ -94,9 +92,9 @@ def convert(
     source: str,
     target: str,
     *,
-    chunk_filters: int = DEFAULT_CHUNK_FILTERS,
+    chunk_filters: int | None = None,
     dtype: str | None = None,
-    codec: str = "lz4",
+    codec: str | None = None,
     filters_name: str | None = None,
     verbosity: int | None = None,
     execution: cluster.Execution | None = None,
@@ -109,11 +107,13 @@ def convert(
     source : the input HDF5 file.
     target : the store directory or object-store URL (``s3://bucket/db.zarr``);
         created, resumed, or refused if it belongs to another source.
-    chunk_filters : the largest chunk wanted, in filters (default 2**20).
+    chunk_filters : the largest chunk wanted, in filters (default: the package
+        config's ``filterdb_dask.convert.chunk-filters``, 2**20).
     dtype : 'float32' or 'float64' for the store; default: the source's dtype
         (float16 sources are stored as float32). Casting float64 to float32 halves
         the store and rounds every value to float32.
-    codec : 'lz4' (Blosc LZ4 + byte shuffle, default), 'zstd' or 'none'.
+    codec : 'lz4' (Blosc LZ4 + bit-shuffle), 'zstd' or 'none' (default: the package
+        config's ``filterdb_dask.convert.codec``, lz4).
     filters_name : the filter dataset's name if not 'filter'/'filters'.
     verbosity : progress output (0 quiet) when no ``execution`` is given.
     execution : where to compute (:func:`filterdb_dask.cluster.execution`);
@@ -124,6 +124,9 @@ def convert(
     ------
     InputError, StoreError, StoreBusyError
     """
+    chunk_filters = config.get("convert.chunk-filters") if chunk_filters is None \
+        else chunk_filters
+    codec = config.get("convert.codec") if codec is None else codec
     loc = fmt.location(target, storage_options)
     src = read_source(source, name=filters_name)
     store_dtype = np.dtype(dtype or (np.float32 if src.dtype == np.float16 else src.dtype))

@@ -20,10 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import cluster, kernels
+from . import cluster, config, kernels
 from .errors import AnalysisError
-from .groups import DEFAULT_BY, Grouping, make_grouping, make_groupings
-from .histograms import bin_edges, coef_range_density, group_histograms, layer_histograms
+from .groups import Grouping, default_by, make_grouping, make_groupings
+from .histograms import (
+    bin_edges,
+    coef_range_density,
+    density_edges,
+    group_histograms,
+    layer_histograms,
+)
 from .kl import drift_summary, kl_matrix
 from .pca import group_covariances, layer_stats, pca_from_stats, validate_pca
 from .quality import degenerated_layers, model_summary, quality_table
@@ -265,11 +271,11 @@ def default_subsets(meta: pd.DataFrame) -> dict[str, str]:
 def analyze(
     store,
     *,
-    by=DEFAULT_BY,
-    bins: int = 70,
+    by=None,
+    bins: int | None = None,
     subsets=None,
-    fine_bins: int = 256,
-    engine: str = "auto",
+    fine_bins: int | None = None,
+    engine: str | None = None,
     verbosity: int | None = None,
     execution: cluster.Execution | None = None,
 ) -> Results:
@@ -279,12 +285,15 @@ def analyze(
     ----------
     store : FilterStore or path of a store.
     by : groupings: meta column names and/or 'depth decile'.
-    bins : histogram bins for the KL matrices (default 70).
+    bins : histogram bins for the KL matrices.
     subsets : name -> subset spec (mask, "COLUMN=VALUE" or a query string) for
         subset PCAs; default one per Visual Category.
     fine_bins : at least this many fine bins behind the ridge plots (each of the
         ``bins`` coarse bins cut in equal parts; see ``histograms.bin_edges``).
     engine : per-chunk kernels: 'auto', 'numba' or 'numpy'.
+    ``by``, ``bins``, ``fine_bins``, ``engine`` left as None take the package
+    config's values (``filterdb_dask.analysis.*``: Task, Visual Category, depth
+    decile, model; 70; 256; auto).
     verbosity : progress output (0 quiet) when no ``execution`` is given.
     execution : where to compute (:func:`filterdb_dask.cluster.execution`);
         default: dask's current scheduler.
@@ -304,7 +313,11 @@ def analyze(
 
     if isinstance(store, str | os.PathLike):
         store = open_store(store)
-    bins = _validate_bins(bins)
+    # None takes the package config's value (filterdb_dask.yaml, via dask.config)
+    by = default_by() if by is None else by
+    bins = _validate_bins(config.get("analysis.bins") if bins is None else bins)
+    fine_bins = config.get("analysis.fine-bins") if fine_bins is None else fine_bins
+    engine = config.get("analysis.engine") if engine is None else engine
     # resolved once here: workers run exactly this engine (or fail), so it is the one recorded
     engine = resolve_engine(engine)
     ex = cluster.ensure(execution, verbosity)
@@ -357,7 +370,7 @@ def analyze(
         group_hist=group_hist,
         kl=kl,
         density=np.asarray(density),
-        density_edges=np.linspace(-3.3, 3.3, 513),
+        density_edges=density_edges(),
         fine_edges=bin_edges(coef_range, bins=bins, fine_bins=fine_bins)[1],
         fine_hist=fine_hist,
         quality=quality_table(meta, stats),

@@ -16,15 +16,20 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import config
 from .errors import AnalysisError
 
 DEPTH_DECILE = "depth decile"
-DEFAULT_BY = ("Task", "Visual Category", DEPTH_DECILE, "model")
 NAN_LABEL = "nan"
 DECILE_LABELS = tuple(
     ("[0.0, 0.1]" if i == 0 else f"({i / 10:.1f}, {(i + 1) / 10:.1f}]") for i in range(10)
 )
 _DEPTH_ALIASES = {"depth decile", "depth_decile", "depth-decile", "decile"}
+
+
+def default_by() -> tuple[str, ...]:
+    """The default groupings (``filterdb_dask.analysis.by`` in the package config)."""
+    return tuple(config.get("analysis.by"))
 
 
 @dataclass(frozen=True)

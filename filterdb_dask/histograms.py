@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
+from . import config, kernels
 from ._graph import map_chunks
 from .engines import get_kernels
 from .errors import AnalysisError
-
-DENSITY_BINS = 512
-DENSITY_RANGE = (-3.3, 3.3)
 
 
 def _validate_bins(bins, what="bins") -> int:
     if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
         raise AnalysisError(f"{what} must be a positive integer, got {bins!r}")
     return int(bins)
+
+
+def density_edges(density_bins: int | None = None, density_range=None) -> np.ndarray:
+    """Edges of the 2-D density's bins on each axis (defaults: package config)."""
+    if density_bins is None:
+        density_bins = config.get("analysis.density-bins")
+    if density_range is None:
+        density_range = config.get("analysis.density-range")
+    density_bins = _validate_bins(density_bins, "density_bins")
+    return np.linspace(float(density_range[0]), float(density_range[1]), density_bins + 1)
 
 
 def _range_density_task(x, bounds, mean, comps, dedges, engine):
@@ -35,9 +42,9 @@ def coef_range_density(
     store,
     pca: dict,
     *,
-    density_bins: int = DENSITY_BINS,
-    density_range: tuple[float, float] = DENSITY_RANGE,
-    engine: str = "auto",
+    density_bins: int | None = None,
+    density_range: tuple[float, float] | None = None,
+    engine: str | None = None,
 ):
     """Lazy coefficient range and 2-D density counts (pass 2).
 
@@ -45,10 +52,12 @@ def coef_range_density(
     -------
     (coef_range, density): dask arrays of shape (2,) ``[lo, hi]`` and
     (density_bins, density_bins) int64 counts (coefficient 0 on axis 0).
+    ``None`` options take the package config's values (:mod:`filterdb_dask.config`).
     """
-    density_bins = _validate_bins(density_bins, "density_bins")
+    dedges = density_edges(density_bins, density_range)
+    density_bins = len(dedges) - 1
+    engine = engine or config.get("analysis.engine")
     get_kernels(engine)
-    dedges = np.linspace(float(density_range[0]), float(density_range[1]), density_bins + 1)
     n = store.filters.numblocks[0]
     rng, dens = map_chunks(
         _range_density_task,
@@ -65,7 +74,7 @@ def coef_range_density(
     return da.stack([lo, hi]), dens.sum(axis=0)
 
 
-def bin_edges(coef_range, *, bins: int = 70, fine_bins: int = 256):
+def bin_edges(coef_range, *, bins: int | None = None, fine_bins: int | None = None):
     """Coarse and fine edges of pass 3 on ``coef_range``.
 
     Coarse: ``bins`` equal bins as np.histogram makes them. Fine: each coarse bin
@@ -76,7 +85,10 @@ def bin_edges(coef_range, *, bins: int = 70, fine_bins: int = 256):
     Returns
     -------
     (edges (bins + 1,), fine_edges (bins * ceil(fine_bins / bins) + 1,)), float64.
+    ``None`` takes the package config's value (:mod:`filterdb_dask.config`).
     """
+    bins = config.get("analysis.bins") if bins is None else bins
+    fine_bins = config.get("analysis.fine-bins") if fine_bins is None else fine_bins
     lo, hi = (float(v) for v in np.asarray(coef_range))
     edges = kernels.histogram_edges(bins, lo, hi)
     return edges, kernels.fine_edges(edges, -(-fine_bins // bins))
@@ -94,11 +106,11 @@ def layer_histograms(
     pca: dict,
     coef_range,
     *,
-    bins: int = 70,
+    bins: int | None = None,
     layer_groups: np.ndarray | None = None,
     n_groups: int = 0,
-    fine_bins: int = 256,
-    engine: str = "auto",
+    fine_bins: int | None = None,
+    engine: str | None = None,
 ):
     """Lazy per-layer histograms and fine per-group histograms (pass 3).
 
@@ -117,10 +129,13 @@ def layer_histograms(
     -------
     (hist, fine): dask arrays (n_layers, 9, bins) uint32, rows in chunk order (put them
     in meta order with ``store.to_meta_order``), and (n_groups, 9, F) int64,
-    F = bins * ceil(fine_bins / bins).
+    F = bins * ceil(fine_bins / bins). ``None`` options take the package config's
+    values (:mod:`filterdb_dask.config`).
     """
-    bins = _validate_bins(bins)
-    fine_bins = _validate_bins(fine_bins, "fine_bins")
+    bins = _validate_bins(config.get("analysis.bins") if bins is None else bins)
+    fine_bins = _validate_bins(
+        config.get("analysis.fine-bins") if fine_bins is None else fine_bins, "fine_bins")
+    engine = engine or config.get("analysis.engine")
     get_kernels(engine)
     lo, hi = (float(v) for v in np.asarray(coef_range))
     if not (np.isfinite(lo) and np.isfinite(hi)):

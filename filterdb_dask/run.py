@@ -14,7 +14,7 @@ import re
 import sys
 import textwrap
 
-from . import progress
+from . import config, progress
 from .errors import FilterDBError, UsageError
 
 PROG = "filterdb-dask"
@@ -192,11 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
             f"{PROG} convert dataset.h5 dataset.zarr --dtype float32 --chunk-filters 4M\n")
     c.add_argument("source", help="dataset.h5")
     c.add_argument("target", help="store directory or s3:// URL (created or resumed)")
-    c.add_argument("--chunk-filters", type=_count, default=1 << 20,
-                   help="largest chunk in filters (default 1048576)")
+    c.add_argument("--chunk-filters", type=_count,
+                   help=f"largest chunk in filters (default {config.get('convert.chunk-filters')})")
     c.add_argument("--dtype", choices=("float32", "float64"),
                    help="store dtype (default: the source's; float32 halves the store)")
-    c.add_argument("--codec", choices=("lz4", "zstd", "none"), default="lz4")
+    c.add_argument("--codec", choices=("lz4", "zstd", "none"),
+                   help=f"store codec (default {config.get('convert.codec')})")
     c.add_argument("--filters-name", help="filter dataset name if not filter/filters")
     _add_storage_options(c)
     _add_execution_options(c)
@@ -222,15 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("store")
     a.add_argument("--out", required=True, help="results directory")
     a.add_argument("--by", action="append", metavar="COL",
-                   help="grouping: meta column or 'depth decile' (repeatable; default Task, "
-                        "Visual Category, depth decile, model)")
-    a.add_argument("--bins", type=_positive_int, default=70)
-    a.add_argument("--fine-bins", type=_positive_int, default=256,
-                   help="at least this many bins of the ridge-plot histograms (each of "
-                        "the --bins bins cut in equal parts)")
+                   help="grouping: meta column or 'depth decile' (repeatable; default "
+                        + ", ".join(config.get("analysis.by")) + ")")
+    a.add_argument("--bins", type=_positive_int,
+                   help=f"histogram bins of the KL matrices (default "
+                        f"{config.get('analysis.bins')})")
+    a.add_argument("--fine-bins", type=_positive_int,
+                   help=f"at least this many bins of the ridge-plot histograms (each of "
+                        f"the --bins bins cut in equal parts; default "
+                        f"{config.get('analysis.fine-bins')})")
     a.add_argument("--subset", action="append", metavar="COL=VALUE",
                    help="subset PCA (repeatable; default one per Visual Category)")
-    a.add_argument("--engine", choices=("auto", "numba", "numpy"), default="auto")
+    a.add_argument("--engine", choices=("auto", "numba", "numpy"),
+                   help=f"per-chunk kernels (default {config.get('analysis.engine')})")
     a.add_argument("--no-report", action="store_true", help="skip the HTML report")
     _add_storage_options(a)
     _add_execution_options(a)
@@ -316,14 +321,14 @@ def store_info(path: str, storage_options: dict | None = None) -> dict:
     """Summary of a store (directory or URL) for ``info``."""
     import numpy as np
 
-    from .groups import DEFAULT_BY, make_grouping
+    from .groups import default_by, make_grouping
     from .store import open_store
 
     st = open_store(path, storage_options)
     size = st.location.size()
     sizes = np.diff(st.plan, axis=1).ravel()
     groups = {}
-    for by in DEFAULT_BY:
+    for by in default_by():
         try:
             g = make_grouping(st.meta, by)
         except FilterDBError:
@@ -370,7 +375,6 @@ def cmd_info(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze
-    from .groups import DEFAULT_BY
     from .store import open_store
 
     store = open_store(args.store, args.storage_options)  # fail fast, before any cluster starts
@@ -382,7 +386,7 @@ def cmd_analyze(args) -> int:
                 raise UsageError(f"--subset {spec!r} is not COL=VALUE")
             subsets[spec] = spec
     with _execution(args) as ex:
-        res = analyze(store, by=args.by or list(DEFAULT_BY), bins=args.bins,
+        res = analyze(store, by=args.by, bins=args.bins,
                       subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
                       execution=ex)
     res.settings.update({"scheduler": ex.description})
