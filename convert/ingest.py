@@ -86,7 +86,7 @@ def _keras_or_db(path: str) -> None:
             is_db = f.get("meta", getlink=True) is not None and any(
                 f.get(k, getlink=True) is not None for k in ("filter", "filters"))
     except OSError as exc:
-        raise InputError(f"{path!r} is not a readable HDF5 file ({exc})") from None
+        raise InputError(f"{path!r} is not a readable HDF5 file ({exc})") from exc
     if is_db:
         raise InputError(f"{path!r} is a filter DB, not a model; to add models to it pass it "
                          "as --into")
@@ -142,7 +142,7 @@ def load_side_info(path: str | None) -> dict[str, dict]:
                 data = yaml.safe_load(fh) or {}
         except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"meta file {path!r} is not readable YAML: {first}") from None
+            raise InputError(f"meta file {path!r} is not readable YAML: {first}") from exc
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise InputError(f"meta file {path!r} must map model file names to fields")
         table = {os.path.basename(str(k)): v for k, v in data.items()}
@@ -151,7 +151,7 @@ def load_side_info(path: str | None) -> dict[str, dict]:
             df = pd.read_csv(path)
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"meta file {path!r} is not readable CSV: {first}") from None
+            raise InputError(f"meta file {path!r} is not readable CSV: {first}") from exc
         if "model" not in df.columns:
             raise InputError(f"meta file {path!r} needs a 'model' column (file names)")
         table = {os.path.basename(str(r.pop("model"))): r for r in df.to_dict("records")}

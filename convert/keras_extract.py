@@ -101,7 +101,7 @@ def _read_dataset(obj, path: str) -> np.ndarray:
         return obj[()]
     except (OSError, ValueError) as exc:
         raise InputError(f"{path!r}: {obj.name} cannot be read "
-                         f"({' '.join(str(exc).split())[:80]})") from None
+                         f"({' '.join(str(exc).split())[:80]})") from exc
 
 
 def _strings(attr, path: str, what: str) -> list[str]:
@@ -112,9 +112,9 @@ def _strings(attr, path: str, what: str) -> list[str]:
     for v in values.tolist():
         try:
             out.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as exc:
             raise InputError(f"{path!r}: attribute {what} holds a name that is not UTF-8") \
-                from None
+                from exc
     return out
 
 
@@ -129,8 +129,8 @@ def _classes(f, path: str) -> dict[str, str]:
         raise InputError(f"{path!r}: model_config is over {CONFIG_CAP:,} bytes; refusing it")
     try:
         cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InputError(f"{path!r}: model_config is not valid JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path!r}: model_config is not valid JSON") from exc
     out: dict[str, str] = {}
     stack = [cfg]
     while stack:
@@ -268,11 +268,11 @@ def _open_archive(path: str, stack):
         z = stack.enter_context(zipfile.ZipFile(path))
         cfg_info = z.getinfo("config.json")
         w_info = z.getinfo("model.weights.h5")
-    except KeyError:
+    except KeyError as exc:
         raise InputError(f"{path!r} is a zip archive but not a Keras 3 model (no config.json "
-                         "and model.weights.h5)") from None
+                         "and model.weights.h5)") from exc
     except (zipfile.BadZipFile, OSError) as exc:
-        raise InputError(f"{path!r} is not a readable .keras archive ({exc})") from None
+        raise InputError(f"{path!r} is not a readable .keras archive ({exc})") from exc
     if cfg_info.file_size > CONFIG_CAP:
         raise InputError(f"{path!r}: config.json is over {CONFIG_CAP:,} bytes; refusing it")
     if w_info.compress_type != zipfile.ZIP_STORED and \
@@ -282,11 +282,11 @@ def _open_archive(path: str, stack):
     try:
         cfg = json.loads(z.read(cfg_info).decode("utf-8"))
         f = stack.enter_context(h5py.File(stack.enter_context(z.open(w_info)), "r"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InputError(f"{path!r}: config.json is not valid JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path!r}: config.json is not valid JSON") from exc
     except (OSError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path!r}: model.weights.h5 cannot be read "
-                         f"({' '.join(str(exc).split())[:100]})") from None
+                         f"({' '.join(str(exc).split())[:100]})") from exc
     return f, _config_layers(cfg, path)
 
 
@@ -318,7 +318,7 @@ def read_keras(path: str, *, name: str | None = None) -> ModelInfo:
                 f = stack.enter_context(h5py.File(path, "r"))
             except OSError as exc:
                 raise InputError(f"{path!r} is not a readable HDF5 file "
-                                 f"({' '.join(str(exc).split())[:100]})") from None
+                                 f"({' '.join(str(exc).split())[:100]})") from exc
             layout, config = keras_layout(f), None
         if layout is None:
             raise InputError(f"{path!r} is HDF5 but not a Keras weights file (no layer_names "

@@ -88,8 +88,8 @@ def file_sha256(path: str) -> str:
 def _load(path: str):
     try:
         import onnx
-    except ImportError:
-        raise InputError("reading ONNX needs onnx: pip install 'filterdb-dask[onnx]'") from None
+    except ImportError as exc:
+        raise InputError("reading ONNX needs onnx: pip install 'filterdb-dask[onnx]'") from exc
     if not os.path.exists(path):
         raise InputError(f"{path!r} does not exist")
     if os.path.getsize(path) == 0:
@@ -98,7 +98,7 @@ def _load(path: str):
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:
         raise InputError(f"{path!r} is not a readable ONNX model ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:120]})") from None
+                         f"{' '.join(str(exc).split())[:120]})") from exc
     if not model.graph.node:
         raise InputError(f"{path!r} is not an ONNX model (no graph nodes)")
     tensors = list(_all_tensors(model.graph))
@@ -150,9 +150,9 @@ def _validate_tensor(t, path: str) -> None:
     n = _n_elements(t, path)
     try:
         bits = _bits(t)
-    except Exception:
+    except Exception as exc:
         raise InputError(f"{path!r}: tensor {t.name!r} has an unknown element type "
-                         f"{t.data_type!r}") from None
+                         f"{t.data_type!r}") from exc
     if t.data_location == TensorProto.EXTERNAL:
         return  # checked against its file by _read_external_data
     if t.HasField("raw_data") or not n:
@@ -207,9 +207,9 @@ def _read_external_data(tensors, path: str) -> None:
         try:
             offset = int(info.get("offset", 0) or 0)
             length = int(info["length"]) if info.get("length") else None
-        except ValueError:
+        except ValueError as exc:
             raise InputError(f"{path!r}: external data of tensor {t.name!r} has a bad offset "
-                             f"or length {info!r}") from None
+                             f"or length {info!r}") from exc
         need = -(-_n_elements(t, path) * _bits(t) // 8)
         if length is not None and length != need:
             raise InputError(f"{path!r}: tensor {t.name!r} declares shape {list(t.dims)!r} "
@@ -218,7 +218,7 @@ def _read_external_data(tensors, path: str) -> None:
             fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
             raise InputError(f"{path!r}: external data {f!r} of tensor {t.name!r} cannot be "
-                             f"opened ({exc.strerror})") from None
+                             f"opened ({exc.strerror})") from exc
         with os.fdopen(fd, "rb") as fh:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -264,7 +264,7 @@ class _Resolver:
         except Exception as exc:
             raise InputError(f"{self.path!r}: tensor {t.name!r} used by node {for_node!r} "
                              f"cannot be read ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:100]})") from None
+                             f"{' '.join(str(exc).split())[:100]})") from exc
 
     def value(self, name: str, for_node: str, _hops: int = 0) -> np.ndarray:
         if _hops > MAX_CHAIN:
@@ -299,9 +299,9 @@ class _Resolver:
             try:
                 to = helper.tensor_dtype_to_np_dtype(self._attr(node, "to"))
                 return self.value(node.input[0], for_node, hops + 1).astype(to)
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError) as exc:
                 raise InputError(f"{self.path!r}: Cast node {node.name!r} before node "
-                                 f"{for_node!r} has a bad target type") from None
+                                 f"{for_node!r} has a bad target type") from exc
         elif op == "DequantizeLinear":
             x = self.value(node.input[0], for_node, hops + 1)
             scale = self.value(node.input[1], for_node, hops + 1)
@@ -355,8 +355,8 @@ def _dequantize(q, scale, zp, axis: int, *, block_size: int = 0, what: str) -> n
 def _to_float(a: np.ndarray, what: str) -> np.ndarray:
     try:
         return np.asarray(a).astype(np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"{what}: weights of type {a.dtype} are not numbers") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what}: weights of type {a.dtype} are not numbers") from exc
 
 
 def _conv_weights(node, res: _Resolver, path: str) -> np.ndarray:

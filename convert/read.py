@@ -71,7 +71,7 @@ def open_h5(path: str) -> h5py.File:
     try:
         is_h5 = h5py.is_hdf5(path)
     except OSError as exc:
-        raise InputError(f"{path!r} cannot be read: {exc}") from None
+        raise InputError(f"{path!r} cannot be read: {exc}") from exc
     if not is_h5:
         raise InputError(f"{path!r} is not an HDF5 file")
     try:
@@ -79,7 +79,7 @@ def open_h5(path: str) -> h5py.File:
     except OSError as exc:
         raise InputError(
             f"{path!r} cannot be opened as HDF5 (truncated or corrupt?): {exc}"
-        ) from None
+        ) from exc
 
 
 def _where(obj) -> str:
@@ -250,7 +250,7 @@ def _attr(obj, key: str, default=None, *, pickled: bool = False):
     try:
         value = obj.attrs[key]
     except (OSError, TypeError, ValueError, KeyError) as exc:
-        raise InputError(f"{where} cannot be read: {exc}") from None
+        raise InputError(f"{where} cannot be read: {exc}") from exc
     if isinstance(value, h5py.Empty):
         return default
     if isinstance(value, np.ndarray) and value.dtype.kind == "V":
@@ -332,7 +332,7 @@ def read_meta(f: h5py.File, path: str, key: str = "meta") -> pd.DataFrame:
     except (InputError, UnsafePickleError):
         raise
     except (KeyError, ValueError, IndexError, TypeError, OSError, RuntimeError) as exc:
-        raise InputError(f"{where} is not a readable pandas table: {exc}") from None
+        raise InputError(f"{where} is not a readable pandas table: {exc}") from exc
     raise InputError(f"{where} is not a pandas DataFrame (pandas_type {kind!r})")
 
 

@@ -236,8 +236,8 @@ class _Machine:
             if (len(args) == 2 and type(args[0]) is str and args[1] == "latin1"):
                 try:
                     return self._bytes(args[0].encode("latin-1"))
-                except UnicodeEncodeError:
-                    raise _Refused("encodes text that is not latin-1") from None
+                except UnicodeEncodeError as exc:
+                    raise _Refused("encodes text that is not latin-1") from exc
             raise _Refused("calls _codecs.encode other than (str, 'latin1')")
         if fn.kind == "scalar":
             if (len(args) == 2 and isinstance(args[0], _DTypeStub)

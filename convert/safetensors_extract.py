@@ -61,12 +61,12 @@ def _json(raw: bytes, path: str, what: str):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path!r}: the {what} is not UTF-8 (byte {exc.start}); the file is "
-                         "corrupt or not safetensors") from None
+                         "corrupt or not safetensors") from exc
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
         raise InputError(f"{path!r}: the {what} is not valid JSON "
-                         f"({' '.join(str(exc).split())[:100]})") from None
+                         f"({' '.join(str(exc).split())[:100]})") from exc
 
 
 def _count(v) -> bool:
@@ -97,7 +97,7 @@ def read_header(path: str) -> tuple[dict, dict, int]:
                                  f"{HEADER_CAP:,}-byte cap; refusing to parse it")
             raw = fh.read(n)
     except OSError as exc:
-        raise InputError(f"{path!r} cannot be read ({exc.strerror})") from None
+        raise InputError(f"{path!r} cannot be read ({exc.strerror})") from exc
     header = _json(raw, path, "header")
     if not isinstance(header, dict):
         raise InputError(f"{path!r}: the header is a JSON {type(header).__name__}, not an object")
@@ -171,7 +171,7 @@ def _read_index(index: str) -> dict[str, str]:
         with open(index, "rb") as fh:
             raw = fh.read()
     except OSError as exc:
-        raise InputError(f"{index!r} cannot be read ({exc.strerror})") from None
+        raise InputError(f"{index!r} cannot be read ({exc.strerror})") from exc
     doc = _json(raw, index, "index")
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
@@ -202,9 +202,9 @@ def read_safetensors(path: str, *, name: str | None = None) -> ModelInfo:
     """
     try:
         from safetensors import SafetensorError, safe_open
-    except ImportError:
+    except ImportError as exc:
         raise InputError("reading safetensors needs safetensors and ml_dtypes: "
-                         "pip install 'filterdb-dask[formats]'") from None
+                         "pip install 'filterdb-dask[formats]'") from exc
     path = _resolve(os.fspath(path))
     if path.endswith(".json"):
         where = _read_index(path)
@@ -234,7 +234,7 @@ def read_safetensors(path: str, *, name: str | None = None) -> ModelInfo:
                     arrays[k] = fh.get_tensor(k)
     except (SafetensorError, OSError, TypeError, ValueError) as exc:
         raise InputError(f"{path!r} cannot be read as safetensors ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:120]})") from None
+                         f"{' '.join(str(exc).split())[:120]})") from exc
     import numpy as np
 
     for k in conv:

@@ -23,8 +23,8 @@ from .statedict import is_conv_weight, state_dict_info
 def _torch():
     try:
         import torch
-    except ImportError:
-        raise InputError("reading PyTorch models needs torch: pip install torch") from None
+    except ImportError as exc:
+        raise InputError("reading PyTorch models needs torch: pip install torch") from exc
     return torch
 
 
@@ -41,7 +41,7 @@ def read_state_dict(path: str, *, name: str | None = None) -> ModelInfo:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{path!r} is not a loadable PyTorch state dict "
-                         f"({type(exc).__name__})") from None
+                         f"({type(exc).__name__})") from exc
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -249,7 +249,7 @@ def _normalize_subsets(meta: pd.DataFrame, subsets) -> dict[str, np.ndarray]:
             try:
                 mask = meta.eval(spec).to_numpy(dtype=bool)
             except Exception as exc:
-                raise AnalysisError(f"subset {name!r}: cannot evaluate {spec!r}: {exc}") from None
+                raise AnalysisError(f"subset {name!r}: cannot evaluate {spec!r}: {exc}") from exc
         else:
             mask = np.asarray(spec, dtype=bool)
             if mask.shape != (len(meta),):

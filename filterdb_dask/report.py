@@ -46,10 +46,10 @@ _build = {"t0": time.monotonic(), "verbosity": 1}
 def _plt():
     try:
         import matplotlib
-    except ImportError:
+    except ImportError as exc:
         raise AnalysisError(
             "the report needs matplotlib: pip install 'filterdb-dask[plot]'"
-        ) from None
+        ) from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -200,10 +200,10 @@ def fire_cmap():
     """colorcet's ``fire`` with empty (masked) and below-range cells in its lowest colour."""
     try:
         import colorcet
-    except ImportError:
+    except ImportError as exc:
         raise AnalysisError(
             "the report needs colorcet: pip install 'filterdb-dask[plot]'"
-        ) from None
+        ) from exc
     fire = colorcet.cm.fire
     return fire.with_extremes(bad=fire(0.0), under=fire(0.0))
 

@@ -37,8 +37,8 @@ def _count(text: str) -> int:
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return v
@@ -65,7 +65,7 @@ def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from exc
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
     return value

@@ -10,7 +10,7 @@ import pytest
 import filterdb_dask
 from filterdb_dask import config
 from filterdb_dask.engines import numba_available, resolve_engine
-from filterdb_dask.errors import ClusterError, FilterDBError, UsageError
+from filterdb_dask.errors import ClusterError, FilterDBError, StoreError, UsageError
 from filterdb_dask.run import main
 
 
@@ -62,6 +62,11 @@ def test_debug_shows_the_chained_cause(synth_store, tmp_path, capsys):
     with pytest.raises(UsageError) as info:
         main(["--debug", *argv])
     assert isinstance(info.value.__cause__, ValueError)
+    # library errors keep the exception that caused them (no `from None`)
+    (tmp_path / "not-a-store").mkdir()
+    with pytest.raises(StoreError, match="is not a Zarr store") as info:
+        main(["--debug", "info", str(tmp_path / "not-a-store")])
+    assert info.value.__cause__ is not None
 
 
 def test_version_from_package_metadata():
