@@ -21,7 +21,8 @@ def test_defaults_live_in_the_package_yaml():
     assert list(config.get("analysis.density-range")) == [-3.3, 3.3]
     assert config.get("scheduler.analyze") == "distributed"
     assert config.get("scheduler.convert") == "threads"
-    assert "MALLOC_TRIM_THRESHOLD_" not in config.get("local-cluster.pre-spawn-environ")
+    env = config.get("local-cluster.pre-spawn-environ")
+    assert env["MALLOC_TRIM_THRESHOLD_"] >= 1 << 30 and env["MALLOC_MMAP_THRESHOLD_"] >= 1 << 30
 
 
 def test_overriding_a_default_through_dask_config(synth_store):
