@@ -32,7 +32,13 @@ from .histograms import (
 )
 from .kl import drift_summary, kl_matrix
 from .pca import group_covariances, layer_stats, pca_from_stats, validate_pca
-from .quality import degenerated_layers, model_summary, quality_table
+from .quality import (
+    degenerated_layers,
+    model_summary,
+    normalize_sparsity_eps,
+    quality_table,
+    sparsity_sweep,
+)
 
 #: groupings with at most this many groups get fine histograms (ridge plots)
 MAX_RIDGE_GROUPS = 40
@@ -278,6 +284,7 @@ def analyze(
     engine: str | None = None,
     verbosity: int | None = None,
     execution: cluster.Execution | None = None,
+    sparsity_eps=None,
 ) -> Results:
     """Run the analysis of docs/method.md on a store, in three passes.
 
@@ -297,6 +304,9 @@ def analyze(
     verbosity : progress output (0 quiet) when no ``execution`` is given.
     execution : where to compute (:func:`filterdb_dask.cluster.execution`);
         default: dask's current scheduler.
+    sparsity_eps : thresholds ε in (0, 1] swept in pass 1 (``quality.csv`` gains
+        ``sparsity@ε`` and clean variance entropy per ε); default the configured
+        ``analysis.sparsity-eps`` (none).
 
     Returns
     -------
@@ -322,16 +332,21 @@ def analyze(
     engine = resolve_engine(engine)
     ex = cluster.ensure(execution, verbosity)
     fine_bins = _validate_bins(fine_bins, "fine_bins")
+    if sparsity_eps is None:
+        sparsity_eps = config.get("analysis.sparsity-eps")
+    sparsity_eps = normalize_sparsity_eps(sparsity_eps)
     meta = store.meta
     groupings = make_groupings(meta, by)
     subset_masks = _normalize_subsets(
         meta, default_subsets(meta) if subsets is None else subsets
     )
     # pass 1
-    (stats_sorted,) = ex.compute(
-        layer_stats(store, engine=engine), label="pass 1/3 moments+quality"
-    )
+    pass1 = [layer_stats(store, engine=engine)]
+    if sparsity_eps:  # same chunks, same compute: no further read of the filters
+        pass1.append(sparsity_sweep(store, sparsity_eps, engine=engine))
+    stats_sorted, *sweep_sorted = ex.compute(*pass1, label="pass 1/3 moments+quality")
     stats = store.to_meta_order(stats_sorted)
+    sweep = store.to_meta_order(sweep_sorted[0]) if sweep_sorted else None
     pca = pca_from_stats(stats)
     validate_pca(pca)
     subset_pcas = {name: pca_from_stats(stats, mask) for name, mask in subset_masks.items()}
@@ -373,11 +388,12 @@ def analyze(
         density_edges=density_edges(),
         fine_edges=bin_edges(coef_range, bins=bins, fine_bins=fine_bins)[1],
         fine_hist=fine_hist,
-        quality=quality_table(meta, stats),
+        quality=quality_table(meta, stats, sweep, sparsity_eps),
         subsets=subset_pcas,
         settings={
             "bins": bins, "by": [g.name for g in groupings], "fine_bins": fine_bins,
             "engine": engine, "store": getattr(store, "path", None),
+            "sparsity_eps": list(sparsity_eps),
             "n_chunks": store.n_chunks, "n_layers": len(meta),
         },
     )

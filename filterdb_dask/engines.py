@@ -42,7 +42,7 @@ def resolve_engine(engine: str = "auto") -> str:
 
 
 def get_kernels(engine: str = "auto") -> SimpleNamespace:
-    """The three hot kernels for ``engine`` ('auto' = numba when installed).
+    """The hot kernels for ``engine`` ('auto' = numba when installed).
 
     Raises
     ------
@@ -63,4 +63,5 @@ def get_kernels(engine: str = "auto") -> SimpleNamespace:
         layer_stats_chunk=mod.layer_stats_chunk,
         range_density_chunk=mod.range_density_chunk,
         histogram_chunk=mod.histogram_chunk,
+        sparsity_sweep_chunk=mod.sparsity_sweep_chunk,
     )

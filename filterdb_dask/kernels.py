@@ -762,3 +762,75 @@ def ridge_densities(
                                            inner_range=inner)
             dens[g, k] = binned_kde(c, edges, bw[g, k])
     return dens, bw
+
+
+# ------------------------------------------------------------- pass 1: ε sweep
+def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """Per-layer clean-filter counts and clean variance entropy for each ε (docs/method.md §7).
+
+    The sparsity threshold of ε is ``t = ε · max|w|`` over the layer (``t = 1``
+    when it is 0), exactly as :func:`layer_stats_chunk` does with ε = 0.01; a
+    filter is clean when its peak ``|w| >= t``.
+
+    Parameters
+    ----------
+    x : (n, 9) array
+        The chunk's filters, unscaled.
+    bounds : (L, 2) int array
+        ``[start, stop)`` rows of each layer within the chunk.
+    eps : (E,) float64
+        Thresholds, each in (0, 1].
+
+    Returns
+    -------
+    (L, 2E) float64 array: clean-filter counts per ε, then the clean variance
+    entropy per ε (NaN for an empty layer or fewer than 2 clean filters).
+    """
+    bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+    eps = np.asarray(eps, dtype=np.float64).reshape(-1)
+    e = len(eps)
+    out = np.zeros((len(bounds), 2 * e), dtype=np.float64)
+    for i, (a, b) in enumerate(bounds):
+        w = np.asarray(x[a:b], dtype=np.float64)
+        n = w.shape[0]
+        if n == 0:
+            out[i, e:] = np.nan
+            continue
+        peaks = np.max(np.abs(w), axis=1)
+        lmax = peaks.max()
+        for k in range(e):
+            t = eps[k] * lmax
+            if t == 0:
+                t = 1.0
+            clean = peaks >= t
+            n_clean = int(clean.sum())
+            out[i, k] = n_clean
+            out[i, e + k] = variance_entropy_from_scatter(_centred_scatter(w[clean]), n_clean)
+    return out
+
+
+def sparsity_sweep_finalize(n: np.ndarray, sweep: np.ndarray) -> dict[str, np.ndarray]:
+    """Sparsity and clean variance entropy (and its norm) per ε from the sweep.
+
+    Parameters
+    ----------
+    n : (L,) filter counts of the layers.
+    sweep : (L, 2E) from :func:`sparsity_sweep_chunk`.
+
+    Returns
+    -------
+    ``{"sparsity": (L, E), "variance_entropy_clean": (L, E),
+    "variance_entropy_clean_norm": (L, E)}``; sparsity is computed as in
+    :func:`layer_stats_chunk`, so ε = 0.01 gives its column bit for bit.
+    """
+    n = np.asarray(n, dtype=np.float64)[:, None]
+    e = sweep.shape[1] // 2
+    n_clean = sweep[:, :e]
+    vec = sweep[:, e:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sparsity = np.where(n > 0, (n - n_clean) / n, np.nan)
+    return {
+        "sparsity": sparsity,
+        "variance_entropy_clean": vec,
+        "variance_entropy_clean_norm": vec / entropy_norm(n_clean),
+    }

@@ -1,11 +1,21 @@
-"""Layer quality (docs/method.md §7): tables of every layer, degenerated layers, models."""
+"""Layer quality (docs/method.md §7): tables of every layer, degenerated layers, models.
+
+A sparsity threshold sweep (``sparsity_eps``) adds, per ε, the layer's sparsity
+and clean variance entropy at threshold ``ε · max|w|``; it runs in pass 1 beside
+the layer statistics (the same chunks, no further pass over the filters).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from . import kernels
+from ._graph import map_chunks
+from .engines import get_kernels
+from .errors import AnalysisError
 
 QUALITY_COLUMNS = (
     "model_id", "conv_depth", "conv_depth_norm", "model", "n", "sparsity",
@@ -17,13 +27,88 @@ SPARSITY_THRESHOLD = 0.5
 ENTROPY_NORM_THRESHOLD = 0.5
 
 
-def quality_table(meta: pd.DataFrame, stats: np.ndarray) -> pd.DataFrame:
+def normalize_sparsity_eps(eps) -> tuple[float, ...]:
+    """``"0.001,0.01"`` or a sequence of numbers -> a tuple of distinct floats in (0, 1].
+
+    Raises
+    ------
+    AnalysisError
+        A value that is not a number, not in (0, 1], or given twice.
+    """
+    if eps is None:
+        return ()
+    if isinstance(eps, str):
+        eps = [v for v in (p.strip() for p in eps.split(",")) if v]
+    out: list[float] = []
+    for v in eps:
+        try:
+            e = float(v)
+        except (TypeError, ValueError):
+            raise AnalysisError(
+                f"sparsity threshold {str(v)[:40]!r} is not a number; give e.g. 0.001,0.01,0.1"
+            ) from None
+        if not (0.0 < e <= 1.0):
+            raise AnalysisError(f"sparsity threshold {e!r} must lie in (0, 1]")
+        if e in out:
+            raise AnalysisError(f"sparsity threshold {e!r} is given twice")
+        out.append(e)
+    return tuple(out)
+
+
+def eps_label(eps: float) -> str:
+    """Column suffix of a threshold: ``sparsity@0.001`` (shortest round-trip repr)."""
+    return repr(float(eps))
+
+
+def _sweep_task(x, bounds, engine, eps):
+    return (get_kernels(engine).sparsity_sweep_chunk(x, bounds, np.asarray(eps)),)
+
+
+def sparsity_sweep(store, sparsity_eps: Sequence[float], *, engine: str = "auto"):
+    """Lazy per-layer clean counts and clean variance entropy for each ε (pass 1).
+
+    Parameters
+    ----------
+    store : FilterStore
+    sparsity_eps : thresholds ε in (0, 1], as :func:`normalize_sparsity_eps` takes.
+    engine : 'auto', 'numba' or 'numpy'.
+
+    Returns
+    -------
+    dask array (n_layers, 2E) float64, rows in chunk order (put them in meta order
+    with ``store.to_meta_order``); see :func:`kernels.sparsity_sweep_chunk`.
+    """
+    eps = normalize_sparsity_eps(sparsity_eps)
+    if not eps:
+        raise AnalysisError("a sparsity sweep needs at least one threshold")
+    get_kernels(engine)
+    bounds = store.chunk_bounds()
+    (out,) = map_chunks(
+        _sweep_task,
+        store.filters,
+        [(b,) for b in bounds],
+        outputs=[([len(b) for b in bounds], (2 * len(eps),), np.float64)],
+        name="sparsity-sweep",
+        common_args=(engine, eps),
+    )
+    return out
+
+
+def quality_table(
+    meta: pd.DataFrame,
+    stats: np.ndarray,
+    sweep: np.ndarray | None = None,
+    sparsity_eps: Sequence[float] = (),
+) -> pd.DataFrame:
     """One row per meta row (meta order) with the quality columns.
 
     Parameters
     ----------
     meta : the store's meta table.
     stats : (n_meta_rows, N_STATS) pass-1 statistics in meta order.
+    sweep : (n_meta_rows, 2E) :func:`sparsity_sweep` in meta order, or None.
+    sparsity_eps : the E thresholds of ``sweep``; each adds the columns
+        ``sparsity@ε``, ``variance_entropy_clean@ε``, ``variance_entropy_clean_norm@ε``.
     """
     q = kernels.quality_finalize(stats)
     df = pd.DataFrame({
@@ -34,7 +119,14 @@ def quality_table(meta: pd.DataFrame, stats: np.ndarray) -> pd.DataFrame:
     })
     for k, v in q.items():
         df[k] = v
-    return df[list(QUALITY_COLUMNS)]
+    df = df[list(QUALITY_COLUMNS)]
+    eps = normalize_sparsity_eps(sparsity_eps)
+    if sweep is not None and eps:
+        per = kernels.sparsity_sweep_finalize(stats[:, kernels.STAT_N], np.asarray(sweep))
+        extra = {f"{name}@{eps_label(e)}": per[name][:, k]
+                 for name in per for k, e in enumerate(eps)}
+        df = pd.concat([df, pd.DataFrame(extra, index=df.index)], axis=1)
+    return df
 
 
 def degenerated_layers(

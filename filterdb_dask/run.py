@@ -44,6 +44,15 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _eps_list(text: str) -> tuple[float, ...]:
+    from .quality import normalize_sparsity_eps
+
+    try:
+        return normalize_sparsity_eps(text)
+    except FilterDBError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def default_cache_dir() -> str:
     """Where the no-argument demo keeps its data (``FILTERDB_DASK_CACHE`` overrides)."""
     env = os.environ.get("FILTERDB_DASK_CACHE")
@@ -236,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset PCA (repeatable; default one per Visual Category)")
     a.add_argument("--engine", choices=("auto", "numba", "numpy"),
                    help=f"per-chunk kernels (default {config.get('analysis.engine')})")
+    a.add_argument("--sparsity-eps", type=_eps_list, metavar="E1,E2,...",
+                   help="sparsity thresholds swept in pass 1, e.g. 0.001,0.005,0.01,0.05,0.1 "
+                        "(quality.csv gains sparsity@E and clean variance entropy per E; "
+                        "default: the config's analysis.sparsity-eps, none)")
     a.add_argument("--no-report", action="store_true", help="skip the HTML report")
     _add_storage_options(a)
     _add_execution_options(a)
@@ -388,7 +401,7 @@ def cmd_analyze(args) -> int:
     with _execution(args) as ex:
         res = analyze(store, by=args.by, bins=args.bins,
                       subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
-                      execution=ex)
+                      execution=ex, sparsity_eps=args.sparsity_eps)
     res.settings.update({"scheduler": ex.description})
     res.write(args.out)
     print(f"results: {os.path.abspath(args.out)}")

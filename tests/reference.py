@@ -84,10 +84,10 @@ def kl_matrix(coefs, labels, lo, hi, ratio, bins=70):
     return groups, m
 
 
-def layer_quality(w):
+def layer_quality(w, eps=0.01):
     """(sparsity, variance_entropy, variance_entropy_clean, n_clean) of one layer."""
     w = np.asarray(w, dtype=np.float64).reshape(len(w), 9)
-    t = 0.01 * np.abs(w).max()
+    t = eps * np.abs(w).max()
     if t == 0:
         t = 1.0
     sparse = np.all(np.abs(w) < t, axis=1)

@@ -20,6 +20,7 @@ from filterdb_dask.analysis import Results
 from filterdb_dask.errors import AnalysisError
 from filterdb_dask.histograms import coef_range_density, layer_histograms
 from filterdb_dask.pca import layer_stats
+from filterdb_dask.quality import sparsity_sweep
 from tests import reference as ref
 from tests.conftest import simple_meta, write_h5
 
@@ -173,7 +174,8 @@ def test_builders_do_not_compute(synth_store):
         pca = {"mean": np.zeros(9), "components": np.eye(9)}
         rng, dens = coef_range_density(store, pca)
         hist, fine = layer_histograms(store, pca, [-2.0, 2.0], bins=7)
-    assert stats.shape == (len(store.meta), 95)
+        sweep = sparsity_sweep(store, [0.01, 0.1])
+    assert stats.shape == (len(store.meta), 95) and sweep.shape == (len(store.meta), 4)
     assert hist.shape == (len(store.meta), 9, 7) and dens.shape == (512, 512)
 
 
@@ -218,3 +220,59 @@ def test_written_results_follow_the_contract(synth_store, tmp_path):
     assert list(ds["group_task"].values) == list(res.kl["task"].index)
     assert not any(p.endswith(".tmp") for p in os.listdir(out))
     assert "results.zarr" in paths
+
+
+def test_sparsity_sweep_in_pass_one(synth_store, tmp_path):
+    from filterdb_dask.run import main
+
+    out = str(tmp_path / "out")
+    assert main(["-q", "analyze", synth_store, "--out", out, "--scheduler", "threads",
+                 "--no-report", "--by", "Task",
+                 "--sparsity-eps", "0.001,0.005,0.01,0.05,0.1"]) == 0
+    q = pd.read_csv(os.path.join(out, "quality.csv"))
+    eps = ["0.001", "0.005", "0.01", "0.05", "0.1"]
+    assert list(q.columns[10:]) == (
+        [f"sparsity@{e}" for e in eps] + [f"variance_entropy_clean@{e}" for e in eps]
+        + [f"variance_entropy_clean_norm@{e}" for e in eps])
+    np.testing.assert_array_equal(q["sparsity@0.01"], q["sparsity"])  # bit for bit
+    np.testing.assert_array_equal(q["variance_entropy_clean_norm@0.01"].isna(),
+                                  q["variance_entropy_clean_norm"].isna())
+    st = open_store(synth_store)
+    x = st.filters
+    rows = np.linspace(0, len(st.meta) - 1, 12).astype(int)
+    for i in rows:  # a direct recomputation per ε from the store's filters
+        a, e = int(st.meta["start"].iloc[i]), int(st.meta["stop"].iloc[i])
+        w = x[a:e].compute()
+        for eps_text in eps:
+            sp, _, vec, _ = ref.layer_quality(w, eps=float(eps_text))
+            assert q[f"sparsity@{eps_text}"].iloc[i] == pytest.approx(sp, abs=1e-15)
+            np.testing.assert_allclose(q[f"variance_entropy_clean@{eps_text}"].iloc[i], vec,
+                                       rtol=1e-9, atol=1e-12)
+    ds = xr.open_zarr(os.path.join(out, "results.zarr"), consolidated=False)
+    np.testing.assert_array_equal(ds["quality_sparsity@0.1"].values, q["sparsity@0.1"])
+    assert json.loads(ds.attrs["settings"])["sparsity_eps"] == [0.001, 0.005, 0.01, 0.05, 0.1]
+    # the package default (configurable) is no sweep; a configured one applies
+    plain = analyze(synth_store, by=["Task"], verbosity=0).quality
+    assert list(plain.columns) == list(q.columns[:10])
+    with dask.config.set({"filterdb_dask.analysis.sparsity-eps": [0.2]}):
+        got = analyze(synth_store, by=["Task"], verbosity=0).quality
+    assert "sparsity@0.2" in got.columns and "sparsity@0.01" not in got.columns
+
+
+def test_bad_sparsity_eps(synth_store, capsys):
+    from filterdb_dask.quality import normalize_sparsity_eps
+    from filterdb_dask.run import main
+
+    assert normalize_sparsity_eps(" 0.1, 0.01,") == (0.1, 0.01)
+    with pytest.raises(AnalysisError, match=r"sparsity threshold 0\.0 must lie in \(0, 1\]"):
+        analyze(synth_store, sparsity_eps=[0.0], verbosity=0)
+    with pytest.raises(AnalysisError, match=r"threshold 1\.5 must lie in"):
+        normalize_sparsity_eps("1.5")
+    with pytest.raises(AnalysisError, match="threshold 0.01 is given twice"):
+        normalize_sparsity_eps([0.01, "0.01"])
+    with pytest.raises(AnalysisError, match="'x' is not a number"):
+        normalize_sparsity_eps("0.01,x")
+    with pytest.raises(AnalysisError, match=r"threshold nan must lie in"):
+        normalize_sparsity_eps("nan")
+    assert main(["analyze", synth_store, "--out", "o", "--sparsity-eps", "0.01,x"]) == 2
+    assert "is not a number" in capsys.readouterr().err

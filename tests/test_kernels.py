@@ -102,6 +102,47 @@ def test_layer_quality_matches_reference():
     assert got["sparsity"][3] == 1.0 and got["variance_entropy"][3] == 0.0
 
 
+SWEEP_EPS = np.array([0.05, 0.001, 0.01, 0.1, 0.005])  # unsorted on purpose
+
+
+def _sweep_data():
+    x = _data(3000)
+    for (a, e), f in zip([(400, 550), (550, 700), (700, 800), (800, 850)],
+                         [0.003, 0.015, 0.08, 0.2], strict=True):
+        x[a:e] *= f  # peaks between the thresholds: every ε gives another sparsity
+    x[2000:2600] = 0  # an all-zero layer
+    b = np.array([[0, 1000], [1000, 1001], [1001, 1001], [1001, 2000], [2000, 2600],
+                  [2600, 3000]])
+    return x, b
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sparsity_sweep_matches_a_direct_recomputation_per_eps(engine):
+    x, b = _sweep_data()
+    sweep = get_kernels(engine).sparsity_sweep_chunk(x, b, SWEEP_EPS)
+    stats = K.layer_stats_chunk(x, b)
+    got = K.sparsity_sweep_finalize(stats[:, K.STAT_N], sweep)
+    for k, eps in enumerate(SWEEP_EPS):
+        for i, (a, e) in enumerate(b):
+            if a == e:
+                assert np.isnan(got["sparsity"][i, k])
+                assert np.isnan(got["variance_entropy_clean"][i, k])
+                continue
+            sp, _, vec, nc = ref.layer_quality(x[a:e], eps=eps)
+            assert sweep[i, k] == nc  # clean counts exact on every engine
+            assert got["sparsity"][i, k] == pytest.approx(sp, abs=1e-15)
+            np.testing.assert_allclose(got["variance_entropy_clean"][i, k], vec,
+                                       rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(got["variance_entropy_clean_norm"][i, k],
+                                       vec / ref.entropy_norm(nc), rtol=1e-9)
+    # the thresholds really differ on this data, and ε = 0.01 is today's column bit for bit
+    assert len(set(got["sparsity"][0])) == 5
+    np.testing.assert_array_equal(got["sparsity"][:, 2], stats[:, K.STAT_SPARSITY])
+    np.testing.assert_array_equal(
+        got["sparsity"][:, 2],
+        get_kernels(engine).layer_stats_chunk(x, b)[:, K.STAT_SPARSITY])
+
+
 def test_variance_entropy_bounds():
     rng = np.random.default_rng(3)
     iso = rng.normal(size=(200000, 9))
@@ -160,6 +201,10 @@ def test_numba_equals_numpy(n, cuts, seed, f64):
     npk, nbk = get_kernels("numpy"), get_kernels("numba")
     s1, s2 = npk.layer_stats_chunk(x, b), nbk.layer_stats_chunk(x, b)
     np.testing.assert_array_equal(s1, s2)  # same additions in the same order: same bits
+    eps = np.array([0.3, 0.01, 1.0])
+    w1, w2 = npk.sparsity_sweep_chunk(x, b, eps), nbk.sparsity_sweep_chunk(x, b, eps)
+    np.testing.assert_array_equal(w1[:, :3], w2[:, :3])  # clean counts
+    np.testing.assert_allclose(w1, w2, rtol=1e-9, atol=1e-9, equal_nan=True)
     mean = rng.normal(size=9) * 0.1
     comps = np.linalg.qr(rng.normal(size=(9, 9)))[0]
     edges = K.histogram_edges(13, -2.0, 2.0)

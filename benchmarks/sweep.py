@@ -1,0 +1,81 @@
+"""Pass-1 cost of a sparsity threshold sweep (issue 13 item 4): pass 1 as today
+against pass 1 with ``--sparsity-eps 0.001,0.005,0.01,0.05,0.1`` on the same store.
+
+python -m benchmarks.sweep [--filters 2M] [--repeat 3] [--engine auto]
+
+One thread (synchronous scheduler, Blosc on one thread); the two variants alternate
+and the minimum of the repeats is reported (wall and CPU time of this process), as
+the machine may be shared. Both variants read and decode every chunk once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import dask
+
+from benchmarks.integrity import _parse_n
+
+EPS = (0.001, 0.005, 0.01, 0.05, 0.1)
+
+
+def main(argv=None) -> int:
+    import numcodecs.blosc
+
+    from convert.synth import synthesize
+    from convert.write import convert
+    from filterdb_dask.engines import resolve_engine
+    from filterdb_dask.pca import layer_stats
+    from filterdb_dask.quality import sparsity_sweep
+    from filterdb_dask.store import open_store
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--filters", default="2M")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--engine", default="auto", choices=("auto", "numba", "numpy"))
+    p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    args = p.parse_args(argv)
+    numcodecs.blosc.set_nthreads(1)
+    n = _parse_n(args.filters)
+    d = args.dir or tempfile.mkdtemp(prefix="fdb-sweep-")
+    h5 = os.path.join(d, f"synth-{n}.h5")
+    if not os.path.exists(h5):
+        synthesize(h5, n_filters=n, n_models=max(10, n // 50_000), seed=0)
+    path = os.path.join(d, "store.zarr")
+    if not os.path.exists(path):
+        convert(h5, path, verbosity=0)
+    store = open_store(path)
+    engine = resolve_engine(args.engine)
+    variants = {
+        "pass1": lambda: (layer_stats(store, engine=engine),),
+        "pass1+sweep5": lambda: (layer_stats(store, engine=engine),
+                                 sparsity_sweep(store, EPS, engine=engine)),
+    }
+    for make in variants.values():  # warm-up: numba compile, page cache
+        dask.compute(*make(), scheduler="synchronous")
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for _ in range(args.repeat):
+        for k, make in variants.items():
+            t, c = time.perf_counter(), time.process_time()
+            dask.compute(*make(), scheduler="synchronous")
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    best = {k: min(v) for k, v in wall.items()}
+    best_cpu = {k: min(v) for k, v in cpu.items()}
+    print(json.dumps({
+        "filters": n, "chunks": store.n_chunks, "layers": len(store.meta), "engine": engine,
+        "eps": EPS, "repeat": args.repeat, "wall_s_min": best, "wall_s_all": wall,
+        "cpu_s_min": best_cpu,
+        "overhead_wall_pct": 100 * (best["pass1+sweep5"] / best["pass1"] - 1),
+        "overhead_cpu_pct": 100 * (best_cpu["pass1+sweep5"] / best_cpu["pass1"] - 1),
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
