@@ -543,7 +543,8 @@ def _sweep_core(x, bounds, eps_sorted, cnt, s1, s2):
     """Per layer and band of peaks between consecutive thresholds: count, sums and
     upper-triangle cross products of ``w - w[first]``; band E (peak at or above
     every threshold, the usual filter) in blocks with vectorisable dot products,
-    the few others row by row. Deterministic: fixed summation order, no fast-math."""
+    the few others row by row. Deterministic: fixed summation order, no fast-math.
+    On return band k holds the sums of bands k..E (the filters with peak >= t[k-1])."""
     d = x.shape[1]
     e = eps_sorted.shape[0]
     t = np.empty(e)
@@ -607,6 +608,13 @@ def _sweep_core(x, bounds, eps_sorted, cnt, s1, s2):
                 s1[li, e, j] += _dot4(src[j], ones, n)
                 for m in range(j, d):
                     s2[li, e, j * d + m] += _dot4(src[j], src[m], n)
+        # suffix sums: band k now holds every filter clean at the k-th threshold
+        for k in range(e - 1, -1, -1):
+            cnt[li, k] += cnt[li, k + 1]
+            for j in range(d):
+                s1[li, k, j] += s1[li, k + 1, j]
+            for q in range(d * d):
+                s2[li, k, q] += s2[li, k + 1, q]
 
 
 def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> np.ndarray:
@@ -622,16 +630,26 @@ def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> 
     s1 = np.zeros((nl, e + 1, d))
     s2 = np.zeros((nl, e + 1, d * d))
     _sweep_core(x, bounds, np.ascontiguousarray(eps[order]), cnt, s1, s2)
-    # clean at the k-th smallest ε: bands k+1 .. E (suffix sums, largest band first)
-    c_cnt = np.cumsum(cnt[:, ::-1], axis=1)[:, ::-1][:, 1:]
-    c_s1 = np.cumsum(s1[:, ::-1], axis=1)[:, ::-1][:, 1:]
-    c_s2 = np.cumsum(s2[:, ::-1], axis=1)[:, ::-1][:, 1:].reshape(nl, e, d, d)
-    upper = np.triu(c_s2)
-    full = upper + np.swapaxes(np.triu(c_s2, 1), -1, -2)
+    # clean at the k-th smallest ε: bands k+1 .. E, summed by the core
+    c_cnt = cnt[:, 1:]
+    c_s1 = s1[:, 1:]
+    c_s2 = s2[:, 1:].reshape(nl, e, d, d)
+    # the clean sets of neighbouring thresholds are the same unless the band between
+    # them holds a filter: one eigendecomposition per distinct set (the usual layer: 1)
+    need = np.ones((nl, e), dtype=bool)
+    need[:, :-1] = c_cnt[:, :-1] > c_cnt[:, 1:]
+    li, ki = np.nonzero(need)
+    cs2 = c_s2[li, ki]
+    full = np.triu(cs2) + np.swapaxes(np.triu(cs2, 1), -1, -2)
+    n_c = c_cnt[li, ki]
+    s1n = c_s1[li, ki]
     with np.errstate(divide="ignore", invalid="ignore"):
-        scatter = full - c_s1[..., :, None] * c_s1[..., None, :] / c_cnt[..., None, None]
-    scatter = np.where(c_cnt[..., None, None] > 0, scatter, 0.0)
-    ve = variance_entropy_from_scatter(scatter, c_cnt)
+        scatter = full - s1n[:, :, None] * s1n[:, None, :] / n_c[:, None, None]
+    scatter = np.where(n_c[:, None, None] > 0, scatter, 0.0)
+    ve = np.empty((nl, e))
+    ve[li, ki] = variance_entropy_from_scatter(scatter, n_c)
+    for k in range(e - 2, -1, -1):
+        ve[:, k] = np.where(need[:, k], ve[:, k], ve[:, k + 1])
     n = bounds[:, 1] - bounds[:, 0]
     ve[n == 0] = np.nan
     out = np.empty((nl, 2 * e))
