@@ -39,6 +39,8 @@ from .kernels import (
     STAT_N,
     STAT_N_CLEAN,
     STAT_SPARSITY,
+    SWEEP_BLOCK,
+    sweep_from_band_sums,
     validate_fine_edges,
     variance_entropy_from_scatter,
 )
@@ -539,6 +541,25 @@ def histogram_chunk(x, bounds, mean, components, edges, layer_groups, n_groups, 
 
 # ------------------------------------------------------------- pass 1: ε sweep
 @njit(**_OPTS)
+def _sweep_dot4(a, b, n):
+    """sum(a[:n] * b[:n]) in four interleaved lanes, the tail in lane 0, then
+    ``(l0 + l1) + (l2 + l3)``: the order of :func:`kernels._lanes4`."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    n4 = n - n % 4
+    for r in range(0, n4, 4):
+        s0 += a[r] * b[r]
+        s1 += a[r + 1] * b[r + 1]
+        s2 += a[r + 2] * b[r + 2]
+        s3 += a[r + 3] * b[r + 3]
+    for r in range(n4, n):
+        s0 += a[r] * b[r]
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(**_OPTS)
 def _sweep_core(x, bounds, eps_sorted, cnt, s1, s2):
     """Per layer and band of peaks between consecutive thresholds: count, sums and
     upper-triangle cross products of ``w - w[first]``; band E (peak at or above
@@ -549,11 +570,11 @@ def _sweep_core(x, bounds, eps_sorted, cnt, s1, s2):
     e = eps_sorted.shape[0]
     t = np.empty(e)
     kw = np.empty(d)
-    DW = np.empty((d, BLOCK))
-    DC = np.empty((d, BLOCK))
-    c = np.empty(BLOCK)
-    band = np.empty(BLOCK, dtype=np.int64)
-    ones = np.ones(BLOCK)
+    DW = np.empty((d, SWEEP_BLOCK))
+    DC = np.empty((d, SWEEP_BLOCK))
+    c = np.empty(SWEEP_BLOCK)
+    band = np.empty(SWEEP_BLOCK, dtype=np.int64)
+    ones = np.ones(SWEEP_BLOCK)
     for li in range(bounds.shape[0]):
         a = bounds[li, 0]
         b = bounds[li, 1]
@@ -571,8 +592,8 @@ def _sweep_core(x, bounds, eps_sorted, cnt, s1, s2):
                 t[k] = 1.0
         for j in range(d):
             kw[j] = np.float64(x[a, j])
-        for r0 in range(a, b, BLOCK):
-            n = min(BLOCK, b - r0)
+        for r0 in range(a, b, SWEEP_BLOCK):
+            n = min(SWEEP_BLOCK, b - r0)
             for r in range(n):
                 p = 0.0
                 for j in range(d):
@@ -587,7 +608,7 @@ def _sweep_core(x, bounds, eps_sorted, cnt, s1, s2):
                         break
                 band[r] = bd
                 c[r] = 1.0 if bd == e else 0.0
-            nc = _dot4(c, ones, n)
+            nc = _sweep_dot4(c, ones, n)
             cnt[li, e] += nc
             if nc == n:
                 src = DW
@@ -605,9 +626,9 @@ def _sweep_core(x, bounds, eps_sorted, cnt, s1, s2):
                             for m in range(j, d):
                                 s2[li, bd, j * d + m] += DW[j, r] * DW[m, r]
             for j in range(d):
-                s1[li, e, j] += _dot4(src[j], ones, n)
+                s1[li, e, j] += _sweep_dot4(src[j], ones, n)
                 for m in range(j, d):
-                    s2[li, e, j * d + m] += _dot4(src[j], src[m], n)
+                    s2[li, e, j * d + m] += _sweep_dot4(src[j], src[m], n)
         # suffix sums: band k now holds every filter clean at the k-th threshold
         for k in range(e - 1, -1, -1):
             cnt[li, k] += cnt[li, k + 1]
@@ -630,29 +651,4 @@ def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> 
     s1 = np.zeros((nl, e + 1, d))
     s2 = np.zeros((nl, e + 1, d * d))
     _sweep_core(x, bounds, np.ascontiguousarray(eps[order]), cnt, s1, s2)
-    # clean at the k-th smallest ε: bands k+1 .. E, summed by the core
-    c_cnt = cnt[:, 1:]
-    c_s1 = s1[:, 1:]
-    c_s2 = s2[:, 1:].reshape(nl, e, d, d)
-    # the clean sets of neighbouring thresholds are the same unless the band between
-    # them holds a filter: one eigendecomposition per distinct set (the usual layer: 1)
-    need = np.ones((nl, e), dtype=bool)
-    need[:, :-1] = c_cnt[:, :-1] > c_cnt[:, 1:]
-    li, ki = np.nonzero(need)
-    cs2 = c_s2[li, ki]
-    full = np.triu(cs2) + np.swapaxes(np.triu(cs2, 1), -1, -2)
-    n_c = c_cnt[li, ki]
-    s1n = c_s1[li, ki]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scatter = full - s1n[:, :, None] * s1n[:, None, :] / n_c[:, None, None]
-    scatter = np.where(n_c[:, None, None] > 0, scatter, 0.0)
-    ve = np.empty((nl, e))
-    ve[li, ki] = variance_entropy_from_scatter(scatter, n_c)
-    for k in range(e - 2, -1, -1):
-        ve[:, k] = np.where(need[:, k], ve[:, k], ve[:, k + 1])
-    n = bounds[:, 1] - bounds[:, 0]
-    ve[n == 0] = np.nan
-    out = np.empty((nl, 2 * e))
-    out[:, order] = c_cnt
-    out[:, e + order] = ve
-    return out
+    return sweep_from_band_sums(bounds, order, cnt, s1, s2)

@@ -765,12 +765,34 @@ def ridge_densities(
 
 
 # ------------------------------------------------------------- pass 1: ε sweep
+#: rows per block of the sweep (as the compiled kernel's BLOCK)
+SWEEP_BLOCK = 256
+
+
+def _lanes4(prod: np.ndarray) -> np.ndarray:
+    """Column sums of ``prod`` (n, m) in four interleaved lanes, each summed in row
+    order, the tail rows into lane 0, then ``(l0 + l1) + (l2 + l3)``: the order of
+    the compiled kernel's ``_dot4``, so both give the same bits."""
+    n = prod.shape[0]
+    n4 = n - n % 4
+    lanes = np.zeros((4, prod.shape[1]))
+    for r in range(0, n4, 4):  # row-sequential, vectorised over lanes and columns
+        lanes += prod[r:r + 4]
+    for r in range(n4, n):
+        lanes[0] += prod[r]
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+
+
 def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> np.ndarray:
     """Per-layer clean-filter counts and clean variance entropy for each ε (docs/method.md §7).
 
     The sparsity threshold of ε is ``t = ε · max|w|`` over the layer (``t = 1``
     when it is 0), exactly as :func:`layer_stats_chunk` does with ε = 0.01; a
-    filter is clean when its peak ``|w| >= t``.
+    filter is clean when its peak ``|w| >= t``. Each filter falls into the band
+    of thresholds its peak lies between; per band the count, sum and cross
+    products of ``w - w[first]`` are summed, and the filters clean at ε are the
+    bands above it. The additions run in the compiled kernel's order (blocks of
+    ``SWEEP_BLOCK`` rows, four lanes): both engines give the same bits.
 
     Parameters
     ----------
@@ -788,24 +810,72 @@ def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> 
     """
     bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
     eps = np.asarray(eps, dtype=np.float64).reshape(-1)
-    e = len(eps)
-    out = np.zeros((len(bounds), 2 * e), dtype=np.float64)
-    for i, (a, b) in enumerate(bounds):
-        w = np.asarray(x[a:b], dtype=np.float64)
-        n = w.shape[0]
-        if n == 0:
-            out[i, e:] = np.nan
+    order = np.argsort(eps, kind="stable")
+    eps_sorted = eps[order]
+    e, nl, d = len(eps), len(bounds), x.shape[1]
+    ju, mu = np.triu_indices(d)
+    cnt = np.zeros((nl, e + 1))
+    s1 = np.zeros((nl, e + 1, d))
+    s2 = np.zeros((nl, e + 1, d * d))
+    for li, (a, b) in enumerate(bounds):
+        if b <= a:
             continue
+        w = np.asarray(x[a:b], dtype=np.float64)
         peaks = np.max(np.abs(w), axis=1)
-        lmax = peaks.max()
-        for k in range(e):
-            t = eps[k] * lmax
-            if t == 0:
-                t = 1.0
-            clean = peaks >= t
-            n_clean = int(clean.sum())
-            out[i, k] = n_clean
-            out[i, e + k] = variance_entropy_from_scatter(_centred_scatter(w[clean]), n_clean)
+        t = eps_sorted * peaks.max()
+        t[t == 0] = 1.0
+        band = (peaks[:, None] >= t[None, :]).sum(axis=1)  # e: clean at every ε
+        dw_all = w - w[0]
+        for r0 in range(0, b - a, SWEEP_BLOCK):
+            dw = dw_all[r0:r0 + SWEEP_BLOCK]
+            bd = band[r0:r0 + SWEEP_BLOCK]
+            c = (bd == e).astype(np.float64)
+            cnt[li, e] += c.sum()  # a count: exact in any order
+            src = dw * c[:, None]
+            for r in np.flatnonzero(bd < e):  # the few sparse rows, one by one
+                k = bd[r]
+                cnt[li, k] += 1.0
+                s1[li, k] += dw[r]
+                s2[li, k, ju * d + mu] += dw[r, ju] * dw[r, mu]
+            s1[li, e] += _lanes4(src)
+            s2[li, e, ju * d + mu] += _lanes4(src[:, ju] * src[:, mu])
+        for k in range(e - 1, -1, -1):
+            cnt[li, k] += cnt[li, k + 1]
+            s1[li, k] += s1[li, k + 1]
+            s2[li, k] += s2[li, k + 1]
+    return sweep_from_band_sums(bounds, order, cnt, s1, s2)
+
+
+def sweep_from_band_sums(bounds, order, cnt, s1, s2) -> np.ndarray:
+    """The (L, 2E) result of :func:`sparsity_sweep_chunk` from its suffix band sums
+    (band k: every filter clean at the k-th smallest ε, band 0 every filter);
+    shared by both engines."""
+    nl, e1, d = s1.shape
+    e = e1 - 1
+    c_cnt = cnt[:, 1:]
+    c_s1 = s1[:, 1:]
+    c_s2 = s2[:, 1:].reshape(nl, e, d, d)
+    # neighbouring thresholds share their clean set unless the band between them
+    # holds a filter: one eigendecomposition per distinct set (the usual layer: 1)
+    need = np.ones((nl, e), dtype=bool)
+    need[:, :-1] = c_cnt[:, :-1] > c_cnt[:, 1:]
+    li, ki = np.nonzero(need)
+    cs2 = c_s2[li, ki]
+    full = np.triu(cs2) + np.swapaxes(np.triu(cs2, 1), -1, -2)
+    n_c = c_cnt[li, ki]
+    s1n = c_s1[li, ki]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scatter = full - s1n[:, :, None] * s1n[:, None, :] / n_c[:, None, None]
+    scatter = np.where(n_c[:, None, None] > 0, scatter, 0.0)
+    ve = np.empty((nl, e))
+    ve[li, ki] = variance_entropy_from_scatter(scatter, n_c)
+    for k in range(e - 2, -1, -1):
+        ve[:, k] = np.where(need[:, k], ve[:, k], ve[:, k + 1])
+    n = bounds[:, 1] - bounds[:, 0]
+    ve[n == 0] = np.nan
+    out = np.empty((nl, 2 * e))
+    out[:, order] = c_cnt
+    out[:, e + order] = ve
     return out
 
 
