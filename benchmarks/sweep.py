@@ -18,7 +18,7 @@ import time
 
 import dask
 
-from benchmarks.integrity import _parse_n
+from benchmarks import parse_count
 
 EPS = (0.001, 0.005, 0.01, 0.05, 0.1)
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     args = p.parse_args(argv)
     numcodecs.blosc.set_nthreads(1)
-    n = _parse_n(args.filters)
+    n = parse_count(args.filters)
     d = args.dir or tempfile.mkdtemp(prefix="fdb-sweep-")
     h5 = os.path.join(d, f"synth-{n}.h5")
     if not os.path.exists(h5):
