@@ -12,17 +12,14 @@ Everything after the passes is small numpy work on per-layer results.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from . import cluster, config, kernels
+from . import cluster, config
 from .errors import AnalysisError
-from .groups import Grouping, default_by, make_grouping, make_groupings
+from .groups import default_by, make_grouping, make_groupings
 from .histograms import (
     bin_edges,
     coef_range_density,
@@ -30,248 +27,97 @@ from .histograms import (
     group_histograms,
     layer_histograms,
 )
-from .kl import drift_summary, kl_matrix
-from .pca import group_covariances, layer_stats, pca_from_stats, validate_pca
-from .quality import (
-    degenerated_layers,
-    model_summary,
-    normalize_sparsity_eps,
-    quality_table,
-    sparsity_sweep,
-)
+from .kl import kl_matrix
+from .pca import layer_stats, pca_from_stats, validate_pca
+from .quality import normalize_sparsity_eps, sparsity_sweep
+from .resultset import Results
+
+__all__ = ["MAX_RIDGE_GROUPS", "Results", "analyze", "default_subsets"]
 
 #: groupings with at most this many groups get fine histograms (ridge plots)
 MAX_RIDGE_GROUPS = 40
 
 
-@dataclass
-class Results:
-    """Everything the analysis computed; small enough to hold in memory.
-
-    Per-layer arrays are in meta order (one entry per meta row).
-    """
-
-    meta: pd.DataFrame
-    pca: dict
-    coef_range: np.ndarray
-    bins: int
-    layer_stats: np.ndarray
-    layer_hist: np.ndarray
-    groupings: list[Grouping]
-    group_hist: dict[str, np.ndarray]
-    kl: dict[str, pd.DataFrame]
-    density: np.ndarray
-    density_edges: np.ndarray
-    fine_edges: np.ndarray
-    fine_hist: dict[str, np.ndarray]
-    quality: pd.DataFrame
-    subsets: dict[str, dict] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-
-    # ---------------------------------------------------------------- derived
-    def grouping(self, by: str) -> Grouping:
-        """A grouping computed now from the per-layer histograms (no new pass)."""
-        return make_grouping(self.meta, by)
-
-    def group_histogram(self, by: str) -> tuple[Grouping, np.ndarray]:
-        g = self.grouping(by)
-        return g, group_histograms(self.layer_hist, g.codes, g.n_groups)
-
-    def kl_matrix(self, by: str) -> pd.DataFrame:
-        """Shift matrix of any grouping, from the per-layer histograms."""
-        g, h = self.group_histogram(by)
-        return kl_matrix(h, self.coef_range, self.pca["explained_variance_ratio"], g.labels)
-
-    def drift(self) -> pd.DataFrame:
-        return drift_summary({g.name: self.kl[g.slug] for g in self.groupings})
-
-    def degenerated(self, **kw) -> pd.DataFrame:
-        return degenerated_layers(self.quality, **kw)
-
-    def models(self, **kw) -> pd.DataFrame:
-        return model_summary(self.quality, self.degenerated(**kw))
-
-    def ridge(self, slug: str) -> dict:
-        """Binned-KDE densities per group and component for one grouping.
-
-        See :func:`filterdb_dask.kernels.ridge_densities` (KDEpy's Silverman rule with
-        exact counts and standard deviations from the pass-1 moments, percentiles from
-        the fine histogram).
-
-        Returns dict with ``x`` (F,), ``density`` (G, 9, F), ``bandwidth`` (G, 9),
-        ``labels``.
-        """
-        g = next(gr for gr in self.groupings if gr.slug == slug)
-        n, _, covs = group_covariances(self.layer_stats, g.codes, g.n_groups)
-        comps = self.pca["components"]
-        var = np.einsum("kf,gfh,kh->gk", comps, np.nan_to_num(covs), comps)
-        std = np.sqrt(np.clip(np.where(n[:, None] > 1, var, 0.0), 0.0, None))
-        edges = self.fine_edges
-        dens, bw = kernels.ridge_densities(self.fine_hist[slug], edges, n, std)
-        return {"x": (edges[:-1] + edges[1:]) / 2, "density": dens, "bandwidth": bw,
-                "labels": g.labels}
-
-    # ---------------------------------------------------------------- output
-    def pca_json(self) -> dict:
-        p = self.pca
-        return {
-            "n_filters": int(p["n_filters"]),
-            "mean": p["mean"].tolist(),
-            "components": p["components"].tolist(),
-            "explained_variance": p["explained_variance"].tolist(),
-            "explained_variance_ratio": p["explained_variance_ratio"].tolist(),
-            "coef_range": [float(v) for v in self.coef_range],
-        }
-
-    def to_dataset(self):
-        """Everything as one xarray Dataset (written to ``results.zarr``)."""
-        import xarray as xr
-
-        comp = np.arange(9)
-        edges = kernels.histogram_edges(self.bins, *self.coef_range)
-        m = self.meta
-        layer_coords = {
-            "model_id": ("layer", m["model_id"].to_numpy()),
-            "conv_depth": ("layer", m["conv_depth"].to_numpy()),
-            "conv_depth_norm": ("layer", m["conv_depth_norm"].to_numpy(dtype=np.float64)),
-            "start": ("layer", m["start"].to_numpy()),
-            "stop": ("layer", m["stop"].to_numpy()),
-        }
-        if "model" in m:
-            layer_coords["model"] = ("layer", m["model"].astype(str).to_numpy(dtype=object))
-        p = self.pca
-        data = {
-            "mean": (("feature",), p["mean"]),
-            "components": (("component", "feature"), p["components"]),
-            "explained_variance": (("component",), p["explained_variance"]),
-            "explained_variance_ratio": (("component",), p["explained_variance_ratio"]),
-            "coef_covariance": (("component", "component_b"),
-                                p["components"] @ p["covariance"] @ p["components"].T),
-            "coef_range": (("bound",), np.asarray(self.coef_range, dtype=np.float64)),
-            "layer_hist": (("layer", "component", "bin"), self.layer_hist),
-            "density_counts": (("density_c0", "density_c1"), self.density),
-            "density": (("density_c0", "density_c1"),
-                        self.density / max(self.density.max(), 1)),
-        }
-        for col in self.quality.columns[4:]:
-            data[f"quality_{col}"] = (("layer",), self.quality[col].to_numpy())
-        coords = {
-            "component": comp, "component_b": comp, "feature": comp,
-            "bound": np.array(["lo", "hi"], dtype=object),
-            "bin_edges": (("bin_edge",), edges),
-            "density_edges": (("density_edge",), self.density_edges),
-            "fine_edges": (("fine_edge",), self.fine_edges),
-            "fine_centres": (("fine_bin",), (self.fine_edges[:-1] + self.fine_edges[1:]) / 2),
-            **layer_coords,
-        }
-        for g in self.groupings:
-            dim = f"group_{g.slug}"
-            coords[dim] = np.asarray(g.labels, dtype=object)
-            data[f"hist_{g.slug}"] = ((dim, "component", "bin"), self.group_hist[g.slug])
-            data[f"kl_{g.slug}"] = ((dim, dim + "_b"), self.kl[g.slug].to_numpy())
-            coords[dim + "_b"] = np.asarray(g.labels, dtype=object)
-            if g.slug in self.fine_hist:
-                data[f"fine_hist_{g.slug}"] = ((dim, "component", "fine_bin"),
-                                               self.fine_hist[g.slug])
-                rd = self.ridge(g.slug)
-                data[f"ridge_{g.slug}"] = ((dim, "component", "fine_bin"), rd["density"])
-                data[f"ridge_bandwidth_{g.slug}"] = ((dim, "component"), rd["bandwidth"])
-        ds = xr.Dataset(data, coords=coords)
-        ds.attrs.update({
-            "title": "CNN Filter DB analysis (filterdb_dask)",
-            "n_filters": int(p["n_filters"]),
-            "bins": int(self.bins),
-            "settings": json.dumps(self.settings),
-        })
-        return ds
-
-    def write(self, out: str) -> dict[str, str]:
-        """Write every result file into ``out``; files appear only when complete.
-
-        Returns a mapping of result name -> path.
-        """
-        os.makedirs(out, exist_ok=True)
-        paths: dict[str, str] = {}
-
-        def _atomic(path, writer):
-            tmp = path + ".tmp"
-            writer(tmp)
-            os.replace(tmp, path)
-            paths[os.path.relpath(path, out)] = path
-
-        def _json(obj):
-            def write(p):
-                with open(p, "w") as fh:
-                    fh.write(json.dumps(obj, indent=2) + "\n")
-
-            return write
-
-        _atomic(os.path.join(out, "pca.json"), _json(self.pca_json()))
-        subsets = {
-            name: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in sp.items()
-                   if k != "covariance"}
-            for name, sp in self.subsets.items()
-        }
-        _atomic(os.path.join(out, "pca_subsets.json"), _json(subsets))
-        os.makedirs(os.path.join(out, "kl"), exist_ok=True)
-        for g in self.groupings:
-            mat = self.kl[g.slug]
-            _atomic(os.path.join(out, "kl", f"{g.slug}.csv"),
-                    lambda p, mat=mat, g=g: mat.to_csv(p, index_label=g.name,
-                                                       float_format="%.17g"))
-        _atomic(os.path.join(out, "kl", "drift.csv"),
-                lambda p: self.drift().to_csv(p, index=False, float_format="%.17g"))
-        _atomic(os.path.join(out, "quality.csv"),
-                lambda p: self.quality.to_csv(p, index=False, float_format="%.17g"))
-        _atomic(os.path.join(out, "degenerated_layers.csv"),
-                lambda p: self.degenerated().to_csv(p, index=False, float_format="%.17g"))
-        _atomic(os.path.join(out, "model_quality.csv"),
-                lambda p: self.models().to_csv(p, float_format="%.17g"))
-        zpath = os.path.join(out, "results.zarr")
-        tmp = zpath + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.to_dataset().to_zarr(tmp, mode="w", consolidated=False)
-        shutil.rmtree(zpath, ignore_errors=True)
-        os.replace(tmp, zpath)
-        paths["results.zarr"] = zpath
-        return paths
-
-
 def _normalize_subsets(meta: pd.DataFrame, subsets) -> dict[str, np.ndarray]:
     """Subset specs -> boolean masks over meta rows.
 
-    A spec is a boolean mask, a ``"COLUMN=VALUE"`` string, or a
-    ``pandas.DataFrame.query`` string.
+    A spec is a boolean mask, a ``(column, value)`` pair or a ``"COLUMN=VALUE"``
+    string (the longest meta column name followed by ``=`` is the column, the rest
+    the value). The value is compared with the column's group labels (missing
+    values: ``nan``); a spec is never evaluated as code.
     """
     out = {}
     for name, spec in (subsets or {}).items():
-        if isinstance(spec, str) and "=" in spec and "==" not in spec:
-            col, val = spec.split("=", 1)
-            col, val = col.strip(), val.strip()
+        if isinstance(spec, str):
+            col, val = _split_spec(meta, name, spec)
+        elif isinstance(spec, tuple) and len(spec) == 2:
+            col, val = spec
             if col not in meta.columns:
                 raise AnalysisError(f"subset {name!r}: {col!r} is not a meta column")
-            mask = meta[col].astype(str).to_numpy() == val
-        elif isinstance(spec, str):
-            try:
-                mask = meta.eval(spec).to_numpy(dtype=bool)
-            except Exception as exc:
-                raise AnalysisError(f"subset {name!r}: cannot evaluate {spec!r}: {exc}") from exc
         else:
             mask = np.asarray(spec, dtype=bool)
             if mask.shape != (len(meta),):
                 raise AnalysisError(
                     f"subset {name!r}: mask of shape {mask.shape} for {len(meta)} meta rows"
                 )
-        out[str(name)] = mask
+            out[str(name)] = mask
+            continue
+        g = make_grouping(meta, col)
+        if str(val) not in g.labels:
+            shown = ", ".join(map(repr, g.labels[:20])) + (" ..." if g.n_groups > 20 else "")
+            raise AnalysisError(
+                f"subset {name!r}: no layer has {col!r} = {str(val)!r}; its values: {shown}"
+            )
+        out[str(name)] = g.codes == g.labels.index(str(val))
     return out
 
 
-def default_subsets(meta: pd.DataFrame) -> dict[str, str]:
-    """One subset per Visual Category value (the paper's eigenimage comparison)."""
+def _split_spec(meta: pd.DataFrame, name, spec: str) -> tuple[str, str]:
+    cols = [c for c in meta.columns if isinstance(c, str) and spec.startswith(c + "=")]
+    if cols:
+        col = max(cols, key=len)
+        return col, spec[len(col) + 1:]
+    if "=" not in spec:
+        raise AnalysisError(f"subset {name!r}: {spec!r} is not COLUMN=VALUE")
+    col, val = spec.split("=", 1)
+    if col.strip() in meta.columns:
+        return col.strip(), val.strip()
+    raise AnalysisError(f"subset {name!r}: {col.strip()!r} is not a meta column")
+
+
+def default_subsets(meta: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """One subset per Visual Category value (the paper's eigenimage comparison);
+    layers with no Visual Category are in none."""
     if "Visual Category" not in meta.columns:
         return {}
-    vals = sorted(meta["Visual Category"].dropna().astype(str).unique())
-    return {f"Visual Category={v}": f"Visual Category={v}" for v in vals}
+    g = make_grouping(meta, "Visual Category")
+    vals = g.labels[:-1] if meta["Visual Category"].isna().any() else g.labels
+    return {f"Visual Category={v}": ("Visual Category", v) for v in vals}
+
+
+def validate_models(meta: pd.DataFrame) -> None:
+    """Refuse two different models under one ``model_id`` (they would be merged).
+
+    Raises
+    ------
+    AnalysisError
+        A ``model_id`` has rows of more than one ``model`` (or ``Name``).
+    """
+    for col in ("model", "Name"):
+        if col not in meta.columns or "model_id" not in meta.columns:
+            continue
+        names = meta[col].astype(object).where(meta[col].notna(), None)
+        per_id = pd.DataFrame({"id": meta["model_id"].to_numpy(),
+                               "name": names.to_numpy(dtype=object)})
+        n = per_id.groupby("id", sort=True, dropna=False)["name"].nunique(dropna=False)
+        bad = n[n > 1]
+        if len(bad):
+            mid = bad.index[0]
+            seen = per_id.loc[per_id["id"] == mid, "name"].drop_duplicates().tolist()[:3]
+            raise AnalysisError(
+                f"model_id {mid!r} holds {int(bad.iloc[0])} different {col} values "
+                f"({', '.join(map(repr, seen))}); give each model its own model_id"
+            )
 
 
 def analyze(
@@ -293,8 +139,9 @@ def analyze(
     store : FilterStore or path of a store.
     by : groupings: meta column names and/or 'depth decile'.
     bins : histogram bins for the KL matrices.
-    subsets : name -> subset spec (mask, "COLUMN=VALUE" or a query string) for
-        subset PCAs; default one per Visual Category.
+    subsets : name -> subset spec (boolean mask over meta rows, ``(column, value)``
+        or ``"COLUMN=VALUE"``; never evaluated as code) for subset PCAs; default one
+        per Visual Category.
     fine_bins : at least this many fine bins behind the ridge plots (each of the
         ``bins`` coarse bins cut in equal parts; see ``histograms.bin_edges``).
     engine : per-chunk kernels: 'auto', 'numba' or 'numpy'.
@@ -315,7 +162,8 @@ def analyze(
     Raises
     ------
     AnalysisError
-        Unknown grouping column, bad bins, or too few filters.
+        Unknown grouping column, bad bins, an empty or unknown subset, two models
+        sharing one ``model_id``, or too few filters.
     """
     from .engines import resolve_engine
     from .histograms import _validate_bins
@@ -336,6 +184,7 @@ def analyze(
         sparsity_eps = config.get("analysis.sparsity-eps")
     sparsity_eps = normalize_sparsity_eps(sparsity_eps)
     meta = store.meta
+    validate_models(meta)
     groupings = make_groupings(meta, by)
     subset_masks = _normalize_subsets(
         meta, default_subsets(meta) if subsets is None else subsets
@@ -367,10 +216,10 @@ def analyze(
     )
     hist_sorted, fine = ex.compute(hist_lazy, fine_lazy, label="pass 3/3 histograms")
     layer_hist = store.to_meta_order(hist_sorted)
+    edges, fine_edges = bin_edges(coef_range, bins=bins, fine_bins=fine_bins)
     group_hist = {g.slug: group_histograms(layer_hist, g.codes, g.n_groups) for g in groupings}
     kl = {
-        g.slug: kl_matrix(group_hist[g.slug], coef_range, pca["explained_variance_ratio"],
-                          g.labels)
+        g.slug: kl_matrix(group_hist[g.slug], edges, pca["explained_variance_ratio"], g.labels)
         for g in groupings
     }
     fine_hist = {g.slug: fine[offsets[j]: offsets[j + 1]] for j, g in enumerate(ridge)}
@@ -378,7 +227,7 @@ def analyze(
         meta=meta,
         pca=pca,
         coef_range=np.asarray(coef_range, dtype=np.float64),
-        bins=bins,
+        bin_edges=edges,
         layer_stats=stats,
         layer_hist=layer_hist,
         groupings=groupings,
@@ -386,9 +235,9 @@ def analyze(
         kl=kl,
         density=np.asarray(density),
         density_edges=density_edges(),
-        fine_edges=bin_edges(coef_range, bins=bins, fine_bins=fine_bins)[1],
+        fine_edges=fine_edges,
         fine_hist=fine_hist,
-        quality=quality_table(meta, stats, sweep, sparsity_eps),
+        sweep=None if sweep is None else np.asarray(sweep, dtype=np.float64),
         subsets=subset_pcas,
         settings={
             "bins": bins, "by": [g.name for g in groupings], "fine_bins": fine_bins,

@@ -1,17 +1,23 @@
 """Groupings of meta rows (layers): a meta column, or the depth decile (docs/method.md §4).
 
 A grouping assigns every meta row a group label. Missing values form their own
-group labelled ``"nan"``. Labels come in natural order: sorted values (numbers
-numerically, text alphabetically, "nan" last), depth deciles in depth order. Text
-that reads as a finite number (``"2"``, ``"1e-3"``) counts as that number, so a
-column of epochs, steps or learning rates orders ``2`` before ``10`` however it
-was stored.
+group labelled ``"nan"`` (``"(missing)"`` when a value already prints as ``nan``).
+Labels come in natural order: sorted values (numbers numerically, text
+alphabetically, missing last), depth deciles in depth order. Text that reads as a
+finite number (``"2"``, ``"1e-3"``) counts as that number, so a column of epochs,
+steps or learning rates orders ``2`` before ``10`` however it was stored.
+
+Names: ``"depth decile"`` (and its spellings ``depth_decile``, ``depth-decile``,
+``decile``, any case) always means the computed grouping, even where a meta column
+has that name. Slugs (file and variable names) are unique within one result set:
+a slug that is empty, taken by an earlier grouping or by one of the result set's
+own names (``drift``) gets the first free suffix ``_2``, ``_3``, ... in ``by`` order.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -21,6 +27,9 @@ from .errors import AnalysisError
 
 DEPTH_DECILE = "depth decile"
 NAN_LABEL = "nan"
+_MISSING_LABELS = (NAN_LABEL, "(missing)")
+#: slugs the result set uses for its own files (``kl/drift.csv``)
+RESERVED_SLUGS = frozenset({"drift"})
 DECILE_LABELS = tuple(
     ("[0.0, 0.1]" if i == 0 else f"({i / 10:.1f}, {(i + 1) / 10:.1f}]") for i in range(10)
 )
@@ -83,7 +92,7 @@ def make_grouping(meta: pd.DataFrame, by: str) -> Grouping:
     """
     if not isinstance(by, str) or not by:
         raise AnalysisError(f"grouping {by!r} must be a non-empty column name")
-    if by.lower() in _DEPTH_ALIASES and by not in meta.columns:
+    if by.lower() in _DEPTH_ALIASES:
         raw = depth_decile_codes(meta["conv_depth_norm"].to_numpy())
         raw = np.where(raw < 0, len(DECILE_LABELS), raw)  # NaN / outside [0, 1] last
         present = np.unique(raw)  # deciles no layer falls into are not groups
@@ -107,22 +116,47 @@ def make_grouping(meta: pd.DataFrame, by: str) -> Grouping:
         [-1 if m else lookup[v] for v, m in zip(values, na, strict=True)], dtype=np.int64
     )
     if na.any():
-        labels.append(NAN_LABEL)
+        labels.append(_missing_label(labels))
         codes[codes < 0] = len(labels) - 1
     if len(set(labels)) != len(labels):  # e.g. 1 and "1" in one column
         raise AnalysisError(f"column {by!r} holds values that print alike: {labels[:10]!r}")
     return Grouping(str(by), slugify(str(by)), tuple(labels), codes)
 
 
+def _missing_label(labels) -> str:
+    taken = set(labels)
+    for cand in _MISSING_LABELS:
+        if cand not in taken:
+            return cand
+    i = 2
+    while f"(missing {i})" in taken:
+        i += 1
+    return f"(missing {i})"
+
+
+def unique_slug(name: str, taken) -> str:
+    """``slugify(name)``, or with the first free suffix ``_2``, ``_3``, ... when it
+    is empty, in ``taken`` or one of :data:`RESERVED_SLUGS`."""
+    base = slugify(name) or "column"
+    slug, i = base, 1
+    while slug in taken or slug in RESERVED_SLUGS:
+        i += 1
+        slug = f"{base}_{i}"
+    return slug
+
+
 def make_groupings(meta: pd.DataFrame, by) -> list[Grouping]:
-    """Groupings for each name in ``by`` (duplicates removed, order kept)."""
+    """Groupings for each name in ``by`` (same grouping twice kept once, order kept),
+    each with a slug unique among them (see the module docstring)."""
     if isinstance(by, str):
         by = [by]
-    out, seen = [], set()
+    out, names, slugs = [], set(), set()
     for b in by:
         g = make_grouping(meta, b)
-        if g.slug in seen:
+        if g.name in names:
             continue
-        seen.add(g.slug)
-        out.append(g)
+        names.add(g.name)
+        slug = unique_slug(g.name, slugs)
+        slugs.add(slug)
+        out.append(replace(g, slug=slug))
     return out

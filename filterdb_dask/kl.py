@@ -6,30 +6,41 @@ import numpy as np
 import pandas as pd
 
 from . import kernels
+from .errors import AnalysisError
 
 
 def kl_matrix(
-    group_hist: np.ndarray, coef_range, weights: np.ndarray, labels
+    group_hist: np.ndarray, edges: np.ndarray, weights: np.ndarray, labels
 ) -> pd.DataFrame:
     """The symmetric shift matrix of one grouping as a labelled DataFrame.
 
     Parameters
     ----------
     group_hist : (G, 9, bins) counts per group.
-    coef_range : ``[lo, hi]`` shared by every group.
+    edges : (bins + 1,) the equal-width bin edges the counts were made on (the
+        result set records them; the width is taken from them, never rebuilt).
     weights : (9,) the global explained-variance ratio.
     labels : G group labels (natural order).
 
     Returns
     -------
     (G, G) DataFrame, rows and columns labelled.
+
+    Raises
+    ------
+    AnalysisError
+        ``edges`` do not fit the histograms.
     """
-    bins = group_hist.shape[-1]
-    edges = kernels.histogram_edges(bins, *coef_range)
+    edges = np.asarray(edges, dtype=np.float64)
+    if edges.shape != (group_hist.shape[-1] + 1,):
+        raise AnalysisError(
+            f"{len(edges)} bin edges for histograms of {group_hist.shape[-1]} bins"
+        )
     width = edges[1] - edges[0]
     m = kernels.shift_matrix(group_hist, width, np.asarray(weights, dtype=np.float64))
     labels = [str(v) for v in labels]
-    return pd.DataFrame(m, index=pd.Index(labels), columns=pd.Index(labels))
+    return pd.DataFrame(m, index=pd.Index(labels, dtype=object),
+                        columns=pd.Index(labels, dtype=object))
 
 
 def display_order(matrix: pd.DataFrame) -> list[str]:

@@ -8,11 +8,15 @@ error. Errors print one line on stderr; ``--debug`` re-raises them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
+import signal
 import sys
 import textwrap
+import threading
 
 from . import config, progress
 from .errors import FilterDBError, UsageError
@@ -388,9 +392,11 @@ def cmd_info(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze
+    from .resultset import check_out_dir
     from .store import open_store
 
     store = open_store(args.store, args.storage_options)  # fail fast, before any cluster starts
+    check_out_dir(args.out)  # and before the first pass, not after the last
     subsets = None
     if args.subset:
         subsets = {}
@@ -398,19 +404,41 @@ def cmd_analyze(args) -> int:
             if "=" not in spec:
                 raise UsageError(f"--subset {spec!r} is not COL=VALUE")
             subsets[spec] = spec
-    with _execution(args) as ex:
+    with _ignoring_sigint_at_start(_execution(args)) as ex:
         res = analyze(store, by=args.by, bins=args.bins,
                       subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
                       execution=ex, sparsity_eps=args.sparsity_eps)
     res.settings.update({"scheduler": ex.description})
-    res.write(args.out)
+    paths = res.write(args.out, report=not args.no_report, verbosity=_verbosity(args))
     print(f"results: {os.path.abspath(args.out)}")
-    if not args.no_report:
-        from .report import write_report
-
-        path = write_report(args.out, verbosity=_verbosity(args))
-        print(f"report: {path}")
+    if "report.html" in paths:
+        print(f"report: {paths['report.html']}")
     return 0
+
+
+@contextlib.contextmanager
+def _ignoring_sigint_at_start(context):
+    """Enter ``context`` (an execution) while SIGINT is ignored; yield what it yields.
+
+    Ctrl-C reaches every process of the terminal's process group; local worker
+    processes started while SIGINT is ignored inherit that (Python keeps an ignored
+    SIGINT ignored), so only this process sees the KeyboardInterrupt and prints
+    one line instead of a traceback per worker.
+    """
+    with contextlib.ExitStack() as stack:
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            value = stack.enter_context(context)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        try:
+            yield value
+        except KeyboardInterrupt:
+            # closing a cluster whose workers are mid-task logs a warning per worker
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            raise
 
 
 def cmd_report(args) -> int:
@@ -449,7 +477,6 @@ def cmd_demo(args) -> int:
 
     from .analysis import analyze
     from .cluster import execution
-    from .report import write_report
     from .storeformat import SCHEMA_VERSION
 
     verb = _verbosity(args)
@@ -465,14 +492,13 @@ def cmd_demo(args) -> int:
         synthesize(h5, n_filters=DEMO_FILTERS, n_models=DEMO_MODELS, seed=0,
                    progress=rep.update)
         rep.finish()
-    with execution(command="analyze", verbosity=verb) as ex:
+    with _ignoring_sigint_at_start(execution(command="analyze", verbosity=verb)) as ex:
         convert(h5, store, execution=ex)
         res = analyze(store, execution=ex)
     res.settings.update({"scheduler": ex.description})
-    res.write(out)
-    path = write_report(out, verbosity=verb)
+    paths = res.write(out, report=True, verbosity=verb)
     print(f"results: {out}")
-    print(f"report: {path}")
+    print(f"report: {paths['report.html']}")
     return 0
 
 

@@ -141,8 +141,9 @@ def test_results_are_the_same_for_every_chunking(edge_db, tmp_path):
 
 
 def test_subset_pca_and_later_groupings_need_no_new_pass(synth_h5, synth_store):
+    none = np.zeros(len(open_store(synth_store).meta), dtype=bool)
     res = analyze(synth_store, by=["Task"], subsets={"fr": "Visual Category=fractals",
-                                                     "none": "Visual Category=__nothing__"},
+                                                     "none": none},
                   verbosity=0)
     with h5py.File(synth_h5) as f:
         x = f["filter"][:]
@@ -155,7 +156,7 @@ def test_subset_pca_and_later_groupings_need_no_new_pass(synth_h5, synth_store):
     assert sp["n_filters"] == len(rows)
     cos = np.abs(np.sum(sp["components"] * p["components"], axis=1))
     assert np.all(cos >= 1 - 1e-9)
-    assert np.all(np.isnan(res.subsets["none"]["components"]))  # empty subset: undefined
+    assert np.all(np.isnan(res.subsets["none"]["components"]))  # empty mask: undefined
     # a grouping asked for after the passes: a sum over layers, equal to a full run
     with dask.config.set(scheduler="sync"):
         late = res.kl_matrix("producer")
@@ -186,6 +187,11 @@ def test_bad_options(synth_store):
         analyze(synth_store, bins=0, verbosity=0)
     with pytest.raises(AnalysisError, match="subset 'x': 'Nope' is not a meta column"):
         analyze(synth_store, subsets={"x": "Nope=1"}, verbosity=0)
+    with pytest.raises(AnalysisError, match="no layer has 'Visual Category' = 'fractal'; "
+                                            "its values: 'fractals', 'medical'"):
+        analyze(synth_store, subsets={"x": "Visual Category=fractal"}, verbosity=0)
+    with pytest.raises(AnalysisError, match="no layer has 'Visual Category' = '=x'"):
+        analyze(synth_store, subsets={"q": "Visual Category==x"}, verbosity=0)  # not code
 
 
 def test_too_few_filters(tmp_path):

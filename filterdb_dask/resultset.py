@@ -1,0 +1,531 @@
+"""The result set: what one analysis produced, in memory (:class:`Results`) and on disk.
+
+This module owns the result set's contract; nothing else reads or writes its files::
+
+    DIR/
+      results.zarr/        THE result set: one xarray Dataset (Zarr v3, not consolidated)
+                           holding the meta table, per-layer statistics and histograms
+                           with their bin edges, group labels and codes, KL matrices,
+                           fine histograms, ridge densities and the settings
+      pca.json  pca_subsets.json  kl/<slug>.csv  kl/drift.csv  quality.csv
+      degenerated_layers.csv  model_quality.csv
+                           exports, derived from results.zarr after it is written
+      report.html  plots/  written by :func:`filterdb_dask.report.write_report`
+
+:meth:`Results.open` reads ``results.zarr`` only, so a reopened result set answers
+new questions (``kl_matrix("producer")``) exactly as the in-memory one did.
+:meth:`Results.write` writes the whole set into a sibling temporary directory and
+swaps it in at the end: DIR holds the previous complete set or the new one, never a
+mixture; a directory that is not a result set is never written into.
+
+Labels and meta values are stored as Zarr strings with a missing-value mask, never
+parsed back from CSV, so ``""``, ``"NA"``, ``"None"``, ``"null"``, HTML and any
+unicode survive exactly. JSON exports are strict JSON (NaN is written as ``null``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalysisError
+from .groups import Grouping, make_grouping
+from .histograms import group_histograms
+from .kl import drift_summary, kl_matrix
+from .pca import group_covariances
+from .quality import degenerated_layers, model_summary, quality_table
+
+#: ``results.zarr``'s schema; a set of another schema is refused (run analyze again)
+SCHEMA = 1
+ZARR_NAME = "results.zarr"
+#: what a result set directory may hold (a non-empty DIR with anything else is refused)
+_TOP_ENTRIES = frozenset({
+    ZARR_NAME, "pca.json", "pca_subsets.json", "kl", "quality.csv",
+    "degenerated_layers.csv", "model_quality.csv", "report.html", "plots",
+})
+_SUB_ENTRIES = {"kl": re.compile(r"[0-9a-z_]+\.csv(\.tmp)?"),
+                "plots": re.compile(r"[0-9A-Za-z_]+\.png")}
+_PCA_KEYS = ("mean", "components", "explained_variance", "explained_variance_ratio",
+             "covariance")
+
+
+@dataclass
+class Results:
+    """Everything one analysis computed; small enough to hold in memory.
+
+    Per-layer arrays are in meta order (one entry per meta row). ``bin_edges`` are
+    the edges of ``layer_hist`` and every group histogram; ``fine_edges`` those of
+    the fine histograms behind the ridge plots.
+    """
+
+    meta: pd.DataFrame
+    pca: dict
+    coef_range: np.ndarray
+    bin_edges: np.ndarray
+    layer_stats: np.ndarray
+    layer_hist: np.ndarray
+    groupings: list[Grouping]
+    group_hist: dict[str, np.ndarray]
+    kl: dict[str, pd.DataFrame]
+    density: np.ndarray
+    density_edges: np.ndarray
+    fine_edges: np.ndarray
+    fine_hist: dict[str, np.ndarray]
+    subsets: dict[str, dict] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    #: (n_layers, 2E) pass-1 sparsity sweep for ``settings["sparsity_eps"]``, or None
+    sweep: np.ndarray | None = None
+
+    @property
+    def bins(self) -> int:
+        """Bins of the KL histograms."""
+        return len(self.bin_edges) - 1
+
+    @property
+    def quality(self) -> pd.DataFrame:
+        """Layer quality, one row per meta row (METHOD §7)."""
+        return quality_table(self.meta, self.layer_stats, self.sweep,
+                             self.settings.get("sparsity_eps") or ())
+
+    # ---------------------------------------------------------------- derived
+    def grouping(self, by: str) -> Grouping:
+        """The grouping ``by`` (a meta column or 'depth decile'): one of the result
+        set's own, or computed now from the meta table (no new pass)."""
+        for g in self.groupings:
+            if g.name == by:
+                return g
+        return make_grouping(self.meta, by)
+
+    def group_histogram(self, by: str) -> tuple[Grouping, np.ndarray]:
+        """The grouping ``by`` and its (G, 9, bins) histograms, summed over layers."""
+        g = self.grouping(by)
+        return g, group_histograms(self.layer_hist, g.codes, g.n_groups)
+
+    def kl_matrix(self, by: str) -> pd.DataFrame:
+        """Shift matrix (METHOD §5) of any grouping, from the per-layer histograms."""
+        g, h = self.group_histogram(by)
+        return kl_matrix(h, self.bin_edges, self.pca["explained_variance_ratio"], g.labels)
+
+    def drift(self) -> pd.DataFrame:
+        """Box-plot statistics of the upper triangle of every grouping's matrix."""
+        return drift_summary({g.name: self.kl[g.slug] for g in self.groupings})
+
+    def degenerated(self, **kw) -> pd.DataFrame:
+        """Degenerated layers; see :func:`filterdb_dask.quality.degenerated_layers`."""
+        return degenerated_layers(self.quality, **kw)
+
+    def models(self, **kw) -> pd.DataFrame:
+        """Per-model quality summary; see :func:`filterdb_dask.quality.model_summary`."""
+        return model_summary(self.quality, self.degenerated(**kw))
+
+    def ridge(self, slug: str) -> dict:
+        """Binned-KDE densities per group and component for one grouping.
+
+        See :func:`filterdb_dask.kernels.ridge_densities` (KDEpy's Silverman rule with
+        exact counts and standard deviations from the pass-1 moments, percentiles from
+        the fine histogram).
+
+        Returns dict with ``x`` (F,), ``density`` (G, 9, F), ``bandwidth`` (G, 9),
+        ``labels``.
+        """
+        from . import kernels
+
+        g = next(gr for gr in self.groupings if gr.slug == slug)
+        n, _, covs = group_covariances(self.layer_stats, g.codes, g.n_groups)
+        comps = self.pca["components"]
+        var = np.einsum("kf,gfh,kh->gk", comps, np.nan_to_num(covs), comps)
+        std = np.sqrt(np.clip(np.where(n[:, None] > 1, var, 0.0), 0.0, None))
+        edges = self.fine_edges
+        dens, bw = kernels.ridge_densities(self.fine_hist[slug], edges, n, std)
+        return {"x": (edges[:-1] + edges[1:]) / 2, "density": dens, "bandwidth": bw,
+                "labels": g.labels}
+
+    # ------------------------------------------------------------ the Dataset
+    def to_dataset(self):
+        """Everything as one xarray Dataset (what ``results.zarr`` holds)."""
+        import xarray as xr
+
+        comp = np.arange(9)
+        p = self.pca
+        data, coords, meta_spec = _encode_meta(self.meta)
+        data.update({
+            "mean": (("feature",), p["mean"]),
+            "components": (("component", "feature"), p["components"]),
+            "explained_variance": (("component",), p["explained_variance"]),
+            "explained_variance_ratio": (("component",), p["explained_variance_ratio"]),
+            "covariance": (("feature", "feature_b"), p["covariance"]),
+            "coef_covariance": (("component", "component_b"),
+                                p["components"] @ p["covariance"] @ p["components"].T),
+            "coef_range": (("bound",), np.asarray(self.coef_range, dtype=np.float64)),
+            "layer_stats": (("layer", "stat"), self.layer_stats),
+            **({} if self.sweep is None else
+               {"layer_sweep": (("layer", "sweep_stat"), self.sweep)}),
+            "layer_hist": (("layer", "component", "bin"), self.layer_hist),
+            "density_counts": (("density_c0", "density_c1"), self.density),
+            "density": (("density_c0", "density_c1"),
+                        self.density / max(self.density.max(), 1)),
+        })
+        names = list(self.subsets)
+        for key in _PCA_KEYS:
+            dims = {"mean": ("feature",), "components": ("component", "feature"),
+                    "explained_variance": ("component",),
+                    "explained_variance_ratio": ("component",),
+                    "covariance": ("feature", "feature_b")}[key]
+            stack = np.array([self.subsets[n][key] for n in names], dtype=np.float64)
+            data[f"subset_{key}"] = (("subset", *dims),
+                                     stack.reshape(len(names), *([9] * len(dims))))
+        data["subset_n_filters"] = (("subset",), np.array(
+            [self.subsets[n]["n_filters"] for n in names], dtype=np.int64))
+        q = self.quality
+        for col in q.columns[4:]:
+            data[f"quality_{col}"] = (("layer",), q[col].to_numpy(dtype=np.float64))
+        coords.update({
+            "component": comp, "component_b": comp, "feature": comp, "feature_b": comp,
+            "bound": np.array(["lo", "hi"], dtype=object),
+            "bin_edges": (("bin_edge",), np.asarray(self.bin_edges, dtype=np.float64)),
+            "density_edges": (("density_edge",), self.density_edges),
+            "fine_edges": (("fine_edge",), self.fine_edges),
+            "fine_centres": (("fine_bin",), (self.fine_edges[:-1] + self.fine_edges[1:]) / 2),
+        })
+        if names:  # a string coordinate of length 0 does not survive Zarr
+            coords["subset"] = np.array(names, dtype=object)
+        for g in self.groupings:
+            dim = f"group_{g.slug}"
+            labels = np.array(g.labels, dtype=object)
+            coords[dim] = labels
+            coords[dim + "_b"] = labels
+            data[f"codes_{g.slug}"] = (("layer",), np.asarray(g.codes, dtype=np.int64))
+            data[f"hist_{g.slug}"] = ((dim, "component", "bin"), self.group_hist[g.slug])
+            data[f"kl_{g.slug}"] = ((dim, dim + "_b"), self.kl[g.slug].to_numpy())
+            if g.slug in self.fine_hist:
+                data[f"fine_hist_{g.slug}"] = ((dim, "component", "fine_bin"),
+                                               self.fine_hist[g.slug])
+                rd = self.ridge(g.slug)
+                data[f"ridge_{g.slug}"] = ((dim, "component", "fine_bin"), rd["density"])
+                data[f"ridge_bandwidth_{g.slug}"] = ((dim, "component"), rd["bandwidth"])
+        ds = xr.Dataset(data, coords=coords)
+        ds.attrs.update({
+            "title": "CNN Filter DB analysis (filterdb_dask)",
+            "filterdb_results": SCHEMA,
+            "n_filters": int(p["n_filters"]),
+            "bins": int(self.bins),
+            "groupings": _dumps([{"name": g.name, "slug": g.slug} for g in self.groupings]),
+            "subsets": _dumps(names),
+            "meta": _dumps(meta_spec),
+            "settings": _dumps(self.settings),
+        })
+        return ds
+
+    @classmethod
+    def from_dataset(cls, ds) -> Results:
+        """The Results a Dataset of :meth:`to_dataset` holds (exact inverse)."""
+        try:
+            return cls._from_dataset(ds)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise AnalysisError(
+                f"the result set is damaged or incomplete ({type(exc).__name__}: {exc}); "
+                "run analyze again"
+            ) from exc
+
+    @classmethod
+    def _from_dataset(cls, ds) -> Results:
+        if ds.attrs.get("filterdb_results") != SCHEMA:
+            raise AnalysisError(
+                f"the result set has schema {ds.attrs.get('filterdb_results')!r}, this "
+                f"version reads {SCHEMA}: run analyze again"
+            )
+        meta = _decode_meta(ds, json.loads(ds.attrs["meta"]))
+        pca = {k: ds[k].values.astype(np.float64) for k in _PCA_KEYS}
+        pca["n_filters"] = int(ds.attrs["n_filters"])
+        names = json.loads(ds.attrs["subsets"])
+        subsets = {}
+        for i, name in enumerate(names):
+            sp = {k: ds[f"subset_{k}"].values[i].astype(np.float64) for k in _PCA_KEYS}
+            sp["n_filters"] = int(ds["subset_n_filters"].values[i])
+            subsets[name] = sp
+        groupings, group_hist, kl, fine_hist = [], {}, {}, {}
+        for item in json.loads(ds.attrs["groupings"]):
+            slug = item["slug"]
+            labels = tuple(str(v) for v in ds[f"group_{slug}"].values)
+            g = Grouping(item["name"], slug, labels, ds[f"codes_{slug}"].values.astype(np.int64))
+            groupings.append(g)
+            group_hist[slug] = ds[f"hist_{slug}"].values
+            idx = pd.Index(list(labels), dtype=object)
+            kl[slug] = pd.DataFrame(ds[f"kl_{slug}"].values.astype(np.float64), index=idx,
+                                    columns=idx.copy())
+            if f"fine_hist_{slug}" in ds:
+                fine_hist[slug] = ds[f"fine_hist_{slug}"].values
+        return cls(
+            meta=meta,
+            pca=pca,
+            coef_range=ds["coef_range"].values.astype(np.float64),
+            bin_edges=ds["bin_edges"].values.astype(np.float64),
+            layer_stats=ds["layer_stats"].values.astype(np.float64),
+            sweep=(ds["layer_sweep"].values.astype(np.float64)
+                   if "layer_sweep" in ds else None),
+            layer_hist=ds["layer_hist"].values,
+            groupings=groupings,
+            group_hist=group_hist,
+            kl=kl,
+            density=ds["density_counts"].values,
+            density_edges=ds["density_edges"].values.astype(np.float64),
+            fine_edges=ds["fine_edges"].values.astype(np.float64),
+            fine_hist=fine_hist,
+            subsets=subsets,
+            settings=json.loads(ds.attrs["settings"]),
+        )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Results:
+        """Reopen a result set from its directory (reads ``results.zarr`` only).
+
+        Raises
+        ------
+        AnalysisError
+            ``path`` does not exist, holds no ``results.zarr``, or it is damaged or of
+            another schema.
+        """
+        import xarray as xr
+
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise AnalysisError(f"result directory {path!r} does not exist"
+                                if not os.path.exists(path) else
+                                f"{path!r} is not a directory")
+        zpath = os.path.join(path, ZARR_NAME)
+        if not os.path.isdir(zpath):
+            raise AnalysisError(f"{path!r} is not an analysis directory (no {ZARR_NAME}); "
+                                "run analyze --out on it first")
+        try:
+            ds = xr.open_zarr(zpath, consolidated=False).load()
+        except Exception as exc:  # zarr/xarray raise many types for a damaged store
+            raise AnalysisError(
+                f"cannot read {zpath!r} ({type(exc).__name__}: {exc}); run analyze again"
+            ) from exc
+        return cls.from_dataset(ds)
+
+    # ---------------------------------------------------------------- exports
+    def pca_json(self) -> dict:
+        """``pca.json``: the global PCA and the coefficient range (strict JSON)."""
+        return _strict({**_pca_export(self.pca),
+                        "coef_range": [float(v) for v in self.coef_range]})
+
+    def export(self, out: str) -> dict[str, str]:
+        """Write the CSV/JSON exports of this result set into the directory ``out``."""
+        paths: dict[str, str] = {}
+
+        def put(rel, writer):
+            path = os.path.join(out, rel)
+            writer(path)
+            paths[rel] = path
+
+        put("pca.json", lambda p: _write_json(p, self.pca_json()))
+        put("pca_subsets.json", lambda p: _write_json(
+            p, _strict({n: _pca_export(sp) for n, sp in self.subsets.items()})))
+        os.makedirs(os.path.join(out, "kl"), exist_ok=True)
+        for g in self.groupings:
+            mat = self.kl[g.slug]
+            put(os.path.join("kl", f"{g.slug}.csv"),
+                lambda p, mat=mat, g=g: mat.to_csv(p, index_label=g.name, float_format="%.17g"))
+        put(os.path.join("kl", "drift.csv"),
+            lambda p: self.drift().to_csv(p, index=False, float_format="%.17g"))
+        put("quality.csv", lambda p: self.quality.to_csv(p, index=False, float_format="%.17g"))
+        put("degenerated_layers.csv",
+            lambda p: self.degenerated().to_csv(p, index=False, float_format="%.17g"))
+        put("model_quality.csv", lambda p: self.models().to_csv(p, float_format="%.17g"))
+        return paths
+
+    def write(self, out: str | os.PathLike, *, report: bool = False,
+              verbosity: int | None = None) -> dict[str, str]:
+        """Write the whole result set into the directory ``out``.
+
+        Everything goes into a sibling temporary directory first (``results.zarr``,
+        then the exports read back from it, then the report if asked for), which
+        replaces ``out`` at the end. ``out`` is checked first
+        (:func:`check_out_dir`).
+
+        Returns
+        -------
+        dict
+            Result name (relative path) -> its path under ``out``.
+
+        Raises
+        ------
+        AnalysisError
+            ``out`` is a file, not writable, or a non-empty directory that is not a
+            result set.
+        """
+        out = os.path.abspath(os.fspath(out))
+        check_out_dir(out)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.writing-",
+                               dir=os.path.dirname(out))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            self.to_dataset().to_zarr(os.path.join(tmp, ZARR_NAME), mode="w-",
+                                      consolidated=False)
+            rel = Results.open(tmp).export(tmp)  # the exports derive from results.zarr
+            rel[ZARR_NAME] = ZARR_NAME
+            if report:
+                from .report import write_report
+
+                write_report(tmp, verbosity=verbosity)
+                rel["report.html"] = "report.html"
+            _swap_in(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {k: os.path.join(out, k) for k in rel}
+
+
+# ----------------------------------------------------------- result directories
+def _foreign_entries(path: str) -> list[str]:
+    """Entries of ``path`` a result set does not hold (relative paths)."""
+    out = []
+    for name in sorted(os.listdir(path)):
+        base = name[:-4] if name.endswith(".tmp") else name
+        full = os.path.join(path, name)
+        if base not in _TOP_ENTRIES:
+            out.append(name)
+        elif name in _SUB_ENTRIES and os.path.isdir(full) and not os.path.islink(full):
+            out += [f"{name}/{n}" for n in sorted(os.listdir(full))
+                    if not _SUB_ENTRIES[name].fullmatch(n)]
+    return out
+
+
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Check that a result set can be written to ``out``, before any work is done.
+
+    ``out`` must be absent, an empty directory, or a result set (its files are
+    replaced as a whole); its parent must be writable (it is created if missing).
+
+    Raises
+    ------
+    AnalysisError
+        One line saying what is wrong with ``out``.
+    """
+    out = os.path.abspath(os.fspath(out))
+    if os.path.islink(out):
+        raise AnalysisError(f"result directory {out!r} is a symbolic link; give the "
+                            "directory it points to")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise AnalysisError(f"result directory {out!r} is a file, not a directory")
+        foreign = _foreign_entries(out)
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise AnalysisError(
+                f"{out!r} is not empty and not a result set (it holds "
+                f"{', '.join(map(repr, foreign[:3]))}{more}); nothing in it is replaced: "
+                "give a new or empty directory"
+            )
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.probe-", dir=parent))
+    except OSError as exc:
+        raise AnalysisError(
+            f"cannot write the result directory {out!r}: {exc.strerror or exc} "
+            f"in {parent!r}"
+        ) from exc
+
+
+def _swap_in(tmp: str, out: str) -> None:
+    """Replace ``out`` (absent or a result set) by the complete directory ``tmp``."""
+    if not os.path.exists(out):
+        os.rename(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    moved = os.path.join(old, "set")
+    os.rename(out, moved)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(moved, out)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------ encoding
+def _encode_meta(meta: pd.DataFrame):
+    """Meta columns as Dataset variables ``meta_<j>`` (strings + ``meta_<j>_na``)."""
+    data, spec = {}, []
+    for j, name in enumerate(meta.columns):
+        s = meta[name]
+        var = f"meta_{j}"
+        if pd.api.types.is_bool_dtype(s.dtype):
+            kind, vals = "bool", s.to_numpy(dtype=bool)
+        elif pd.api.types.is_integer_dtype(s.dtype):
+            kind, vals = "int", s.to_numpy(dtype=np.int64)
+        elif pd.api.types.is_float_dtype(s.dtype):
+            kind, vals = "float", s.to_numpy(dtype=np.float64)
+        else:
+            kind = "str"
+            na = s.isna().to_numpy()
+            vals = np.array(["" if m else str(v) for v, m in zip(s, na, strict=True)],
+                            dtype=object)
+            data[var + "_na"] = (("layer",), na)
+        data[var] = (("layer",), vals)
+        spec.append({"name": str(name), "var": var, "kind": kind})
+    index = [n for n in meta.index.names if n is not None and n in meta.columns]
+    return data, {}, {"columns": spec, "index": index}
+
+
+def _decode_meta(ds, spec: dict) -> pd.DataFrame:
+    cols = {}
+    for item in spec["columns"]:
+        vals = ds[item["var"]].values
+        if item["kind"] == "str":
+            vals = np.array([str(v) for v in vals], dtype=object)
+            vals[ds[item["var"] + "_na"].values.astype(bool)] = np.nan
+        cols[item["name"]] = vals
+    n = ds.sizes.get("layer", 0)
+    df = pd.DataFrame(cols, index=pd.RangeIndex(n))
+    index = spec["index"]
+    if index:
+        df.index = (pd.MultiIndex.from_frame(df[index]) if len(index) > 1
+                    else pd.Index(df[index[0]], name=index[0]))
+    return df
+
+
+def _pca_export(p: dict) -> dict:
+    return {"n_filters": int(p["n_filters"]),
+            **{k: np.asarray(p[k]).tolist() for k in _PCA_KEYS if k != "covariance"}}
+
+
+def _strict(obj):
+    """``obj`` with NaN/inf as None and numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _dumps(obj) -> str:
+    return json.dumps(_strict(obj), allow_nan=False, ensure_ascii=False)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
