@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from filterdb_dask.errors import InputError
+
 from .h5write import FILTER_LAYOUTS, write_dataset
 
 TASKS = [
@@ -103,7 +105,7 @@ def _split(total: int, weights: np.ndarray, *, minimum: int) -> np.ndarray:
     base = np.full(k, minimum, dtype=np.int64)
     rest = total - base.sum()
     if rest < 0:
-        raise ValueError(f"cannot split {total} into {k} parts of at least {minimum}")
+        raise InputError(f"cannot split {total} into {k} parts of at least {minimum}")
     share = weights / weights.sum() * rest
     out = base + np.floor(share).astype(np.int64)
     short = total - out.sum()
@@ -135,10 +137,10 @@ def _architecture(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[st
 def plan_layers(n_filters: int, n_models: int, seed: int) -> list[LayerSpec]:
     """All layers of the synthetic DB, in file order, holding exactly N filters."""
     if n_models < 1:
-        raise ValueError(f"--models must be at least 1, got {n_models!r}")
+        raise InputError(f"n_models must be at least 1, got {n_models!r}")
     if n_filters < n_models:
-        raise ValueError(
-            f"--filters ({n_filters}) must be at least --models ({n_models}): "
+        raise InputError(
+            f"n_filters ({n_filters}) must be at least n_models ({n_models}): "
             "every model needs one filter"
         )
     rng = np.random.default_rng([seed, 0])
@@ -293,7 +295,7 @@ def synthesize(
     The meta DataFrame that was written.
     """
     if layout not in FILTER_LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {sorted(FILTER_LAYOUTS)}")
+        raise InputError(f"layout {layout!r} is not one of {sorted(FILTER_LAYOUTS)}")
     layers = plan_layers(n_filters, n_models, seed)
     models = model_meta(n_models, seed)
     meta = build_meta(layers, models, seed)

@@ -294,6 +294,9 @@ def cmd_synth(args) -> int:
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"{args.out!r} exists; pass --overwrite to replace it")
+    if args.filters < args.models:
+        raise UsageError(f"--filters ({args.filters:,}) must be at least --models "
+                         f"({args.models:,}): every model needs one filter")
     rep = progress.Reporter("synth", verbosity=_verbosity(args), unit="filters")
     meta = synthesize(args.out, n_filters=args.filters, n_models=args.models, seed=args.seed,
                       layout=args.layout, name=args.name, meta_format=args.meta_format,

@@ -43,25 +43,32 @@ def test_report_needs_an_analysis_dir(tmp_path):
         write_report(str(tmp_path))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+def assert_renders(report_html: str, tmp_path) -> None:
+    """Headless Chromium loads ``report_html`` with every image decoded, and its
+    screenshot is a real page (tall, not blank)."""
     import matplotlib.image as mpimg
 
-    page = open(os.path.join(report_dir, "report.html")).read()
+    page = open(report_html, encoding="utf-8").read()
     probe = page.replace("</body>", "<script>var im=[...document.images];document.title="
                          "im.every(i=>i.complete&&i.naturalWidth>0)?'ALL_OK:'+im.length:"
                          "'BROKEN';</script></body>")
     probe_path = tmp_path / "probe.html"
-    probe_path.write_text(probe)
+    probe_path.write_text(probe, encoding="utf-8")
     profile = str(tmp_path / "profile")
     dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
                           "--virtual-time-budget=10000", "--dump-dom", probe_path.as_uri()],
                          capture_output=True, text=True, timeout=120)
     n_img = page.count("<img ")
+    assert n_img > 0
     assert f"<title>ALL_OK:{n_img}</title>" in dom.stdout, dom.stderr[-2000:]
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--window-size=1280,2400",
-                    f"--screenshot={shot}", "file://" + os.path.join(report_dir, "report.html")],
+                    f"--screenshot={shot}", "file://" + os.path.abspath(report_html)],
                    capture_output=True, timeout=120)
     img = mpimg.imread(shot)
     assert img.shape[0] > 1000 and float(np.std(img[..., :3])) > 0.05
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    assert_renders(os.path.join(report_dir, "report.html"), tmp_path)
