@@ -282,3 +282,147 @@ def test_bad_sparsity_eps(synth_store, capsys):
         normalize_sparsity_eps("nan")
     assert main(["analyze", synth_store, "--out", "o", "--sparsity-eps", "0.01,x"]) == 2
     assert "is not a number" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ result sets
+@pytest.fixture(scope="module")
+def small_results(edge_db, tmp_path_factory):
+    path, _, _ = edge_db
+    store = str(tmp_path_factory.mktemp("rs") / "s.zarr")
+    convert(path, store, chunk_filters=100, verbosity=0)
+    none = np.zeros(12, dtype=bool)
+    return store, analyze(store, by=["Task", "model"], subsets={"empty": none}, verbosity=0)
+
+
+def _tree(d):
+    return sorted(os.path.relpath(os.path.join(a, f), d) for a, _, fs in os.walk(d) for f in fs)
+
+
+def test_a_new_set_replaces_the_old_one_whole(small_results, tmp_path):
+    store, res = small_results
+    out = tmp_path / "out"
+    res.write(out)
+    (out / "kl" / "conv_depth.csv").write_text("stale")  # a file an older run wrote
+    analyze(store, by=["Task"], verbosity=0).write(out)
+    files = _tree(out)
+    assert "kl/conv_depth.csv" not in files and "kl/model.csv" not in files
+    assert "kl/task.csv" in files
+    assert [f for f in os.listdir(tmp_path) if f != "out"] == []  # no temporaries left
+
+
+def test_a_failed_write_leaves_the_old_set(small_results, tmp_path, monkeypatch):
+    _, res = small_results
+    out = tmp_path / "out"
+    res.write(out)
+    before = {f: (out / f).read_bytes() for f in _tree(out)}
+
+    def disk_full(self, d):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Results, "export", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        res.write(out)
+    assert {f: (out / f).read_bytes() for f in _tree(out)} == before
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_write_refuses_what_is_not_a_result_set(small_results, tmp_path):
+    _, res = small_results
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(AnalysisError, match=r"is not empty and not a result set \(it holds "
+                                            r"'notes.txt'\); nothing in it is replaced"):
+        res.write(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    res.write(tmp_path / "set")
+    (tmp_path / "set" / "kl" / "mine.txt").write_text("mine")
+    with pytest.raises(AnalysisError, match="'kl/mine.txt'"):
+        res.write(tmp_path / "set")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AnalysisError, match="is a file, not a directory"):
+        res.write(tmp_path / "file")
+    with pytest.raises(AnalysisError, match="cannot write the result directory"):
+        res.write("/proc/filterdb-dask-test/out")
+
+
+def test_exports_are_strict_json(small_results, tmp_path):
+    _, res = small_results
+    res.write(tmp_path / "o")
+
+    def bare(name):
+        raise AssertionError(f"bare {name}")
+
+    for name in ("pca.json", "pca_subsets.json"):
+        obj = json.loads((tmp_path / "o" / name).read_text(), parse_constant=bare)
+    assert obj["empty"]["components"][0][0] is None and obj["empty"]["n_filters"] == 0
+
+
+def test_cli_checks_out_before_the_first_pass(small_results, tmp_path, capsys):
+    from filterdb_dask.run import main
+
+    store, _ = small_results
+    (tmp_path / "f").write_text("x")
+    for out, msg in [(tmp_path / "f", "is a file"), ("/proc/x/out", "cannot write")]:
+        rc = main(["analyze", store, "--out", str(out), "--scheduler", "synchronous"])
+        err = capsys.readouterr().err
+        assert rc == 1 and msg in err and "pass 1" not in err and len(err.splitlines()) == 1
+    rc = main(["analyze", store, "--out", str(tmp_path / "o"), "--scheduler", "synchronous", "-q",
+               "--subset", "Visual Category=fractal"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "its values: 'fractals', 'medical', 'natural'" in err
+
+
+def test_slugs_are_unique_and_never_the_sets_own_names():
+    from filterdb_dask.groups import make_groupings
+
+    meta = simple_meta([2, 2, 2], extra={"visual_category": ["a", "b", "a"],
+                                        "drift": [1, 2, 3], "!!!": ["x", "y", "x"],
+                                        "depth decile": ["u", "v", "w"]}).reset_index()
+    gs = make_groupings(meta, ["Visual Category", "visual_category", "drift", "!!!",
+                               "depth decile", "depth_decile", "Visual Category"])
+    assert [(g.name, g.slug) for g in gs] == [
+        ("Visual Category", "visual_category"), ("visual_category", "visual_category_2"),
+        ("drift", "drift_2"), ("!!!", "column"), ("depth decile", "depth_decile")]
+    assert gs[-1].labels[0] == "[0.0, 0.1]"  # the computed deciles, not the column
+
+
+def test_missing_values_keep_a_label_of_their_own():
+    from filterdb_dask.groups import make_grouping
+
+    meta = simple_meta([1] * 5, tasks=["nan", None, "NA", "", "null"]).reset_index()
+    g = make_grouping(meta, "Task")
+    assert g.labels == ("", "NA", "nan", "null", "(missing)")
+    assert list(g.codes) == [2, 4, 1, 0, 3]
+
+
+def test_two_models_under_one_model_id_are_refused(tmp_path):
+    meta = simple_meta([3, 3, 3, 3], models=[0, 0, 1, 1]).reset_index()
+    meta.loc[1, "model"] = "other.onnx"
+    p = write_h5(tmp_path / "d.h5", np.random.default_rng(0).normal(size=(12, 9)),
+                 meta.set_index(["model_id", "conv_depth", "conv_depth_norm"]))
+    convert(p, str(tmp_path / "s.zarr"), verbosity=0)
+    with pytest.raises(AnalysisError, match="model_id 0 holds 2 different model values "
+                                            r"\('m0.onnx', 'other.onnx'\)"):
+        analyze(str(tmp_path / "s.zarr"), verbosity=0)
+
+
+def test_binned_kde_keeps_the_grid():
+    from filterdb_dask.kernels import binned_kde
+
+    edges = np.linspace(0, 1, 257)
+    for bw in (1e-4, 0.01, 0.2, 5.0):
+        d = binned_kde(np.ones(256), edges, bw)
+        assert d.shape == (256,)
+        assert abs(d.sum() * (edges[1] - edges[0]) - 1) < 0.6  # wide kernels lose mass
+
+
+def test_synth_mistakes_are_usage_errors(tmp_path, capsys):
+    from convert.synth import synthesize
+    from filterdb_dask.errors import InputError
+    from filterdb_dask.run import main
+
+    assert main(["synth", str(tmp_path / "x.h5"), "--filters", "5", "--models", "10"]) == 2
+    assert "--filters (5) must be at least --models (10)" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"n_filters \(5\) must be at least n_models \(10\)"):
+        synthesize(str(tmp_path / "y.h5"), n_filters=5, n_models=10)

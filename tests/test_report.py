@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from filterdb_dask import analyze
@@ -72,3 +73,35 @@ def assert_renders(report_html: str, tmp_path) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     assert_renders(os.path.join(report_dir, "report.html"), tmp_path)
+
+
+def test_report_and_results_from_results_zarr_alone(synth_store, report_dir, tmp_path, capsys):
+    from filterdb_dask.resultset import Results
+    from filterdb_dask.run import main
+
+    d = tmp_path / "only-zarr"
+    shutil.copytree(report_dir, d)
+    shutil.rmtree(d / "plots")
+    shutil.rmtree(d / "kl")
+    for f in os.listdir(d):
+        if f.endswith((".csv", ".json", ".html")):
+            os.remove(d / f)
+    assert sorted(os.listdir(d)) == ["results.zarr"]
+    assert main(["-q", "report", str(d)]) == 0
+    assert (d / "report.html").exists() and (d / "plots" / "kl_task.png").exists()
+    mem = analyze(synth_store, verbosity=0)
+    back = Results.open(d)
+    for by in ["producer", "Training-Dataset", "conv_depth"]:  # groupings the set never had
+        pd.testing.assert_frame_equal(back.kl_matrix(by), mem.kl_matrix(by))
+    for g in mem.groupings:
+        pd.testing.assert_frame_equal(back.kl[g.slug], mem.kl[g.slug])
+    np.testing.assert_array_equal(back.bin_edges, mem.bin_edges)
+    pd.testing.assert_frame_equal(back.quality, mem.quality)
+    pd.testing.assert_frame_equal(back.meta, mem.meta)
+
+
+def test_report_of_a_missing_dir_says_so(tmp_path, capsys):
+    from filterdb_dask.run import main
+
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err.strip().endswith("does not exist")
