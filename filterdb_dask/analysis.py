@@ -113,6 +113,7 @@ def validate_models(meta: pd.DataFrame) -> None:
         bad = n[n > 1]
         if len(bad):
             mid = bad.index[0]
+            mid = mid.item() if isinstance(mid, np.generic) else mid
             seen = per_id.loc[per_id["id"] == mid, "name"].drop_duplicates().tolist()[:3]
             raise AnalysisError(
                 f"model_id {mid!r} holds {int(bad.iloc[0])} different {col} values "
