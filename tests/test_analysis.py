@@ -426,3 +426,36 @@ def test_synth_mistakes_are_usage_errors(tmp_path, capsys):
     assert "--filters (5) must be at least --models (10)" in capsys.readouterr().err
     with pytest.raises(InputError, match=r"n_filters \(5\) must be at least n_models \(10\)"):
         synthesize(str(tmp_path / "y.h5"), n_filters=5, n_models=10)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_pass_prints_one_line(tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) while a local
+    distributed cluster runs a pass: exit 130 and one line, no worker tracebacks."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from convert.synth import synthesize
+
+    h5 = str(tmp_path / "d.h5")
+    synthesize(h5, n_filters=600_000, n_models=8, seed=1)
+    convert(h5, str(tmp_path / "s.zarr"), chunk_filters=50_000, verbosity=0)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "filterdb_dask.run", "analyze", str(tmp_path / "s.zarr"),
+         "--out", str(tmp_path / "out"), "--workers", "2", "--engine", "numpy"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stderr))
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("pass 1" in ln for ln in lines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    p.wait(timeout=120)
+    reader.join()
+    err = [ln for ln in lines if "dashboard" not in ln and not ln.startswith("pass ")]
+    assert p.returncode == 130 and err == ["filterdb-dask: interrupted\n"], lines
+    assert not (tmp_path / "out").exists()
