@@ -419,6 +419,9 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+_WORKER_LOG_ENV = "DASK_LOGGING__DISTRIBUTED"
+
+
 @contextlib.contextmanager
 def _ignoring_sigint_at_start(context):
     """Enter ``context`` (an execution) while SIGINT is ignored; yield what it yields.
@@ -431,9 +434,17 @@ def _ignoring_sigint_at_start(context):
     with contextlib.ExitStack() as stack:
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        # worker processes log only what is fatal to them: a task's error reaches this
+        # process and is printed as one line; a worker cut off mid-task is no news
+        saved = os.environ.get(_WORKER_LOG_ENV)
+        os.environ[_WORKER_LOG_ENV] = "critical"
         try:
             value = stack.enter_context(context)
         finally:
+            if saved is None:
+                os.environ.pop(_WORKER_LOG_ENV, None)
+            else:
+                os.environ[_WORKER_LOG_ENV] = saved
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
         try:
