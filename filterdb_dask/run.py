@@ -436,15 +436,21 @@ def _ignoring_sigint_at_start(context):
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
         # worker processes log only what is fatal to them: a task's error reaches this
         # process and is printed as one line; a worker cut off mid-task is no news
-        saved = os.environ.get(_WORKER_LOG_ENV)
-        os.environ[_WORKER_LOG_ENV] = "critical"
+        # (and multiprocessing's resource tracker, started with them, does not warn
+        # about the semaphores of workers killed mid-task)
+        quiet = {_WORKER_LOG_ENV: "critical", "PYTHONWARNINGS": ",".join(
+            w for w in (os.environ.get("PYTHONWARNINGS"),
+                        "ignore::UserWarning:multiprocessing.resource_tracker") if w)}
+        saved = {k: os.environ.get(k) for k in quiet}
+        os.environ.update(quiet)
         try:
             value = stack.enter_context(context)
         finally:
-            if saved is None:
-                os.environ.pop(_WORKER_LOG_ENV, None)
-            else:
-                os.environ[_WORKER_LOG_ENV] = saved
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
         try:
