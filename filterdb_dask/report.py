@@ -25,7 +25,7 @@ import pandas as pd
 from . import kernels
 from .errors import AnalysisError
 
-#: groupings shown in ascending column-mean order (METHOD §5); others keep natural order
+#: groupings shown in ascending column-mean order (docs/method.md §5); others keep natural order
 SORT_BY_MEAN = ("Task", "Visual Category")
 #: heat maps label every group up to this many; beyond, every k-th (full labels in the CSV)
 MAX_HEATMAP_LABELS = 120

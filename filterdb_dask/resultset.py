@@ -91,7 +91,7 @@ class Results:
 
     @property
     def quality(self) -> pd.DataFrame:
-        """Layer quality, one row per meta row (METHOD §7)."""
+        """Layer quality, one row per meta row (docs/method.md §7)."""
         return quality_table(self.meta, self.layer_stats, self.sweep,
                              self.settings.get("sparsity_eps") or ())
 
@@ -110,7 +110,7 @@ class Results:
         return g, group_histograms(self.layer_hist, g.codes, g.n_groups)
 
     def kl_matrix(self, by: str) -> pd.DataFrame:
-        """Shift matrix (METHOD §5) of any grouping, from the per-layer histograms."""
+        """Shift matrix (docs/method.md §5) of any grouping, from the per-layer histograms."""
         g, h = self.group_histogram(by)
         return kl_matrix(h, self.bin_edges, self.pca["explained_variance_ratio"], g.labels)
 
