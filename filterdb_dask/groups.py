@@ -16,6 +16,7 @@ own names (``drift``) gets the first free suffix ``_2``, ``_3``, ... in ``by`` o
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 
@@ -55,9 +56,21 @@ class Grouping:
         return len(self.labels)
 
 
+#: longest slug: slugs become file and Zarr variable names (255 bytes at most on disk)
+MAX_SLUG = 64
+
+
 def slugify(name: str) -> str:
-    """Lowercase, every run of non-alphanumerics replaced by ``_`` (``visual_category``)."""
-    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
+    """Lowercase, every run of non-alphanumerics replaced by ``_`` (``visual_category``).
+
+    A slug longer than :data:`MAX_SLUG` is cut and ends in a hash of the whole name,
+    so it stays a valid file name and two long names stay apart.
+    """
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
+    if len(slug) <= MAX_SLUG:
+        return slug
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{slug[:MAX_SLUG - 11].rstrip('_')}_{digest}"
 
 
 def depth_decile_codes(depth_norm: np.ndarray) -> np.ndarray:

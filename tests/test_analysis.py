@@ -458,3 +458,12 @@ def test_ctrl_c_during_a_pass_prints_one_line(tmp_path):
     err = [ln for ln in lines if "dashboard" not in ln and not ln.startswith("pass ")]
     assert p.returncode == 130 and err == ["filterdb-dask: interrupted\n"], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_long_column_names_give_short_distinct_slugs():
+    from filterdb_dask.groups import MAX_SLUG, slugify
+
+    a, b = "x" * 300, "x" * 299 + "y"
+    assert len(slugify(a)) <= MAX_SLUG and len(slugify(b)) <= MAX_SLUG
+    assert slugify(a) != slugify(b)
+    assert slugify("Visual Category") == "visual_category"  # short names unchanged
