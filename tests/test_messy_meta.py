@@ -173,7 +173,7 @@ def test_messy_meta_end_to_end(db, tmp_path_factory, capsys):
 
 @pytest.mark.slow
 @NEEDS_CHROMIUM
-@settings(FAST, max_examples=25, derandomize=False)
+@settings(FAST, max_examples=25, derandomize=True)
 @given(db=messy_db())
 def test_messy_meta_end_to_end_many(db, tmp_path_factory, capsys):
     _case(db, tmp_path_factory, capsys)
