@@ -53,14 +53,10 @@ def unchecked_copy(store, path: str):
     return dataclasses.replace(store, filters=filters)
 
 
-def _parse_n(s: str) -> int:
-    mult = {"K": 10**3, "M": 10**6}.get(s[-1].upper(), 1)
-    return int(float(s[:-1] if mult > 1 else s) * mult)
-
-
 def main(argv=None) -> int:
     import numcodecs.blosc
 
+    from benchmarks import parse_count
     from convert.synth import synthesize
     from convert.write import convert
     from filterdb_dask.pca import layer_stats
@@ -73,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     args = p.parse_args(argv)
     numcodecs.blosc.set_nthreads(1)
-    n = _parse_n(args.filters)
+    n = parse_count(args.filters)
     d = args.dir or tempfile.mkdtemp(prefix="fdb-integrity-")
     h5 = os.path.join(d, f"synth-{n}.h5")
     if not os.path.exists(h5):
