@@ -120,7 +120,7 @@ def machine() -> dict:
 
 def dataset(out: str, n: int, seed: int = 0) -> tuple[str, str, dict]:
     """Synthetic dataset.h5 of n filters and its store (cached under OUT/data)."""
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
 
     d = os.path.join(out, "data")
     os.makedirs(d, exist_ok=True)
@@ -151,7 +151,7 @@ def plain_read(h5: str) -> float:
     from a cold cache."""
     import h5py
 
-    from convert.read import read_source
+    from filterdb_dask.convert.read import read_source
 
     evict(h5)
     src = read_source(h5)
@@ -177,7 +177,7 @@ def convert_vs_read(h5: str, store: str) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # the converter in its own process (memory measured alone); time taken inside it,
     # after the imports, so interpreter start-up does not count
-    code = ("import sys, time, dask; from convert.write import convert; "
+    code = ("import sys, time, dask; from filterdb_dask.convert.write import convert; "
             "dask.config.set(scheduler='threads'); t = time.perf_counter(); "
             "convert(sys.argv[1], sys.argv[2], verbosity=0); print(time.perf_counter() - t)")
     with MemorySampler() as mem:
@@ -229,7 +229,7 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
 def run_size(args, n: int, client) -> dict:
     """Every contender on one synthetic data set of ``n`` filters."""
     from benchmarks.contenders import CONTENDERS, authors_in_memory, fdb_whole
-    from convert.read import read_source
+    from filterdb_dask.convert.read import read_source
     from filterdb_dask.groups import make_grouping
     from filterdb_dask.store import open_store
 

@@ -77,13 +77,13 @@ def main(argv=None):
     import h5py
 
     if args.file:
-        from convert.read import read_source
+        from filterdb_dask.convert.read import read_source
 
         src = read_source(args.file)
         with h5py.File(args.file, "r") as f:
             x = f[src.name][: args.filters].reshape(-1, 9)
     else:
-        from convert.synth import iter_filters, model_meta, plan_layers
+        from filterdb_dask.convert.synth import iter_filters, model_meta, plan_layers
 
         layers = plan_layers(args.filters, 40, 0)
         x = np.concatenate(list(iter_filters(layers, model_meta(40, 0), 0)))

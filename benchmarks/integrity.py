@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     import numcodecs.blosc
 
     from benchmarks import parse_count
-    from convert.synth import synthesize
-    from convert.write import convert
+    from filterdb_dask.convert.synth import synthesize
+    from filterdb_dask.convert.write import convert
     from filterdb_dask.pca import layer_stats
     from filterdb_dask.store import open_store
 

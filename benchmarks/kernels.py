@@ -45,7 +45,7 @@ TARGET_PER_THREAD = 30e6
 
 def make_inputs(n: int, seed: int = 0) -> dict:
     """In-memory chunks and every argument the three kernels take."""
-    from convert.synth import iter_filters, model_meta, plan_layers
+    from filterdb_dask.convert.synth import iter_filters, model_meta, plan_layers
     from filterdb_dask import kernels as K
     from filterdb_dask.groups import depth_decile_codes
 

@@ -29,8 +29,8 @@ def main(argv=None) -> dict:
     import fsspec
     from moto.server import ThreadedMotoServer
 
-    from convert.synth import synthesize
-    from convert.write import convert
+    from filterdb_dask.convert.synth import synthesize
+    from filterdb_dask.convert.write import convert
     from filterdb_dask.analysis import analyze
     from filterdb_dask.store import open_store
 

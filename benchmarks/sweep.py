@@ -26,8 +26,8 @@ EPS = (0.001, 0.005, 0.01, 0.05, 0.1)
 def main(argv=None) -> int:
     import numcodecs.blosc
 
-    from convert.synth import synthesize
-    from convert.write import convert
+    from filterdb_dask.convert.synth import synthesize
+    from filterdb_dask.convert.write import convert
     from filterdb_dask.engines import resolve_engine
     from filterdb_dask.pca import layer_stats
     from filterdb_dask.quality import sparsity_sweep

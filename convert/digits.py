@@ -1,6 +1,6 @@
 """Train a small CNN on scikit-learn's bundled digits and export it to ONNX.
 
-    python -m convert.digits digits.onnx [--epochs 3] [--state-dict digits.pth]
+    python -m filterdb_dask.convert.digits digits.onnx [--epochs 3] [--state-dict digits.pth]
 
 A real trained model for building your own filter DB without downloads (about
 30 s on 2 cores). Needs torch and scikit-learn.

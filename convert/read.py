@@ -3,7 +3,7 @@
 The filters are read with h5py; the ``/meta`` table written by ``pandas.HDFStore``
 (fixed or table format) is rebuilt from the raw HDF5 objects with h5py, never with
 ``pandas.read_hdf`` or PyTables, both of which unpickle whatever the file holds.
-Pickles are decoded by :mod:`convert.safepickle`, which never unpickles.
+Pickles are decoded by :mod:`filterdb_dask.convert.safepickle`, which never unpickles.
 
 A downloaded file may point elsewhere: every node is reached through :func:`node`,
 which refuses external and soft links, external raw storage and virtual datasets,
@@ -240,7 +240,7 @@ def _attr(obj, key: str, default=None, *, pickled: bool = False):
     """Read an attribute; PyTables' pickled attributes are decoded, never unpickled.
 
     PyTables marks nothing: it unpickles every bytes attribute ending in '.', and so
-    do we with :func:`convert.safepickle.decode` (``pickled=True`` where the value is
+    do we with :func:`filterdb_dask.convert.safepickle.decode` (``pickled=True`` where the value is
     always a pickle). Text that merely ends in '.' is kept as text when it cannot be
     a pickle (one line of UTF-8); anything else that does not decode is refused.
     """
@@ -315,7 +315,7 @@ def read_meta(f: h5py.File, path: str, key: str = "meta") -> pd.DataFrame:
 
     Every node is reached through :func:`node` (no links, no external or virtual
     data) and bounded by :func:`check_storage`; pickles go to
-    :func:`convert.safepickle.decode`.
+    :func:`filterdb_dask.convert.safepickle.decode`.
     """
     if not has_link(f, key):
         raise InputError(f"{path!r} has no meta table '/{key}' (it holds {sorted(f)!r})")

@@ -1,6 +1,6 @@
 """Conv kernels from safetensors checkpoints (one file or sharded), without torch.
 
-Which tensors are conv weights is :mod:`convert.statedict`'s rule (4-D floating
+Which tensors are conv weights is :mod:`filterdb_dask.convert.statedict`'s rule (4-D floating
 ``*.weight`` tensors laid out ``(out, in / groups, kh, kw)``, transposed convs
 left out by name), the same as for PyTorch state dicts. ``conv_depth`` is the
 position of the weight in *natural name order* (digit runs compared as numbers,

@@ -1,8 +1,8 @@
 """Which tensors of a graph-less checkpoint are conv weights, and the model they make.
 
 The one owner of the naming rule shared by the PyTorch state-dict route
-(:mod:`convert.torch_extract`) and the safetensors route
-(:mod:`convert.safetensors_extract`), so the same weights give the same model:
+(:mod:`filterdb_dask.convert.torch_extract`) and the safetensors route
+(:mod:`filterdb_dask.convert.safetensors_extract`), so the same weights give the same model:
 
 - a conv weight is a floating-point 4-D tensor named ``weight`` or ``*.weight``,
   laid out ``(out, in / groups, kh, kw)`` as PyTorch stores ``Conv2d`` weights

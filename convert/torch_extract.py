@@ -1,7 +1,7 @@
 """Conv kernels from PyTorch: a ``state_dict``/checkpoint file or an ``nn.Module``.
 
 Which state-dict tensors are conv weights, and how ``conv_depth`` follows from
-their order, is :mod:`convert.statedict`'s rule (shared with the safetensors
+their order, is :mod:`filterdb_dask.convert.statedict`'s rule (shared with the safetensors
 route). In an ``nn.Module``, ``conv_depth`` is the position of the ``Conv2d`` in
 module order, and a ``BatchNorm2d`` that directly follows a ``Conv2d`` is folded
 into its weights (``w * gamma / sqrt(var + eps)``), as ``torch.onnx.export`` does

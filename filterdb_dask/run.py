@@ -290,7 +290,7 @@ def _verbosity(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"{args.out!r} exists; pass --overwrite to replace it")
@@ -308,7 +308,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from convert.write import convert
+    from filterdb_dask.convert.write import convert
 
     with _execution(args) as ex:
         res = convert(args.source, args.target, chunk_filters=args.chunk_filters,
@@ -322,7 +322,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from convert.verify import verify
+    from filterdb_dask.convert.verify import verify
 
     with _execution(args) as ex:
         rep = verify(args.store, args.source, execution=ex,
@@ -471,7 +471,7 @@ def cmd_report(args) -> int:
 def cmd_ingest(args) -> int:
     import warnings
 
-    from convert.ingest import ingest, parse_meta_values
+    from filterdb_dask.convert.ingest import ingest, parse_meta_values
 
     fields = {k: v for k, v in {
         "Task": args.task, "Visual Category": args.category,
@@ -492,8 +492,8 @@ def cmd_ingest(args) -> int:
 
 def cmd_demo(args) -> int:
     """No arguments: synth (cached) -> convert (cached) -> analyze -> report."""
-    from convert.synth import synthesize
-    from convert.write import convert
+    from filterdb_dask.convert.synth import synthesize
+    from filterdb_dask.convert.write import convert
 
     from .analysis import analyze
     from .cluster import execution

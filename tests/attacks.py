@@ -277,7 +277,7 @@ def ingest_target_root_attr(folder: str, marker: str) -> str:
 
     PyTables unpickles it as soon as pandas opens the file (``HDFStore``).
     """
-    from convert.ingest import ingest
+    from filterdb_dask.convert.ingest import ingest
 
     path = os.path.join(folder, "own.h5")
     with warnings.catch_warnings():

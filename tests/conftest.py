@@ -65,7 +65,7 @@ def _threads_by_default():
 
 @pytest.fixture(scope="session")
 def synth_h5(tmp_path_factory):
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
 
     path = str(tmp_path_factory.mktemp("synth") / "dataset.h5")
     synthesize(path, n_filters=60_000, n_models=12, seed=5)
@@ -74,7 +74,7 @@ def synth_h5(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_store(synth_h5, tmp_path_factory):
-    from convert.write import convert
+    from filterdb_dask.convert.write import convert
 
     path = str(tmp_path_factory.mktemp("store") / "store.zarr")
     with dask.config.set(scheduler="threads"):

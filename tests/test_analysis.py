@@ -14,7 +14,7 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convert.write import convert
+from filterdb_dask.convert.write import convert
 from filterdb_dask import analyze, open_store
 from filterdb_dask.analysis import Results
 from filterdb_dask.errors import AnalysisError
@@ -417,7 +417,7 @@ def test_binned_kde_keeps_the_grid():
 
 
 def test_synth_mistakes_are_usage_errors(tmp_path, capsys):
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
     from filterdb_dask.errors import InputError
     from filterdb_dask.run import main
 
@@ -437,7 +437,7 @@ def test_ctrl_c_during_a_pass_prints_one_line(tmp_path):
     import threading
     import time
 
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
 
     h5 = str(tmp_path / "d.h5")
     synthesize(h5, n_filters=600_000, n_models=8, seed=1)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import zarr
 
-from convert.verify import verify
-from convert.write import convert
+from filterdb_dask.convert.verify import verify
+from filterdb_dask.convert.write import convert
 from filterdb_dask.errors import InputError, StoreBusyError, StoreError
 from filterdb_dask.store import open_store
 from filterdb_dask.storeformat import LOCK_NAME
@@ -104,7 +104,7 @@ def _chunk_state(path):
 
 
 def test_resume_after_sigkill(tmp_path):
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
 
     src = str(tmp_path / "big.h5")
     synthesize(src, n_filters=3_000_000, n_models=80, seed=2)

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from convert.ingest import ingest, read_model
+from filterdb_dask.convert.ingest import ingest, read_model
 from filterdb_dask.errors import InputError
 from tests.conftest import simple_meta, write_h5
 from tests.hostile import assert_refused

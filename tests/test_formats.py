@@ -24,10 +24,10 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from convert.ingest import ingest, model_format, read_model  # noqa: E402
-from convert.onnx_extract import read_onnx  # noqa: E402
-from convert.read import read_source  # noqa: E402
-from convert.torch_extract import read_state_dict  # noqa: E402
+from filterdb_dask.convert.ingest import ingest, model_format, read_model  # noqa: E402
+from filterdb_dask.convert.onnx_extract import read_onnx  # noqa: E402
+from filterdb_dask.convert.read import read_source  # noqa: E402
+from filterdb_dask.convert.torch_extract import read_state_dict  # noqa: E402
 
 # meta columns that depend only on the conv weights and their order
 SAME_META = ["conv_depth", "conv_depth_norm", "filter_ids", "total_filters",
@@ -51,7 +51,7 @@ class Mixed(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
-    from convert.digits import export, train
+    from filterdb_dask.convert.digits import export, train
 
     d = tmp_path_factory.mktemp("formats")
     torch.manual_seed(1)

@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from convert.ingest import ingest
-from convert.onnx_extract import read_onnx
-from convert.read import read_source
+from filterdb_dask.convert.ingest import ingest
+from filterdb_dask.convert.onnx_extract import read_onnx
+from filterdb_dask.convert.read import read_source
 from filterdb_dask.errors import InputError
 
 onnx = pytest.importorskip("onnx")
@@ -116,7 +116,7 @@ def test_real_models_against_an_independent_reading(real_models, name):
 
 
 def test_ingest_real_models_then_convert_and_analyze(real_models, tmp_path):
-    from convert.write import convert
+    from filterdb_dask.convert.write import convert
     from filterdb_dask import analyze
 
     paths = [real_models[n] for n in ["common.onnx", "common_old.onnx",
@@ -151,7 +151,7 @@ def test_ingest_real_models_then_convert_and_analyze(real_models, tmp_path):
 
 
 def test_append_to_store_keeps_existing_chunks(real_models, tmp_path):
-    from convert.write import convert
+    from filterdb_dask.convert.write import convert
     from filterdb_dask import open_store
 
     h5 = str(tmp_path / "a.h5")
@@ -167,7 +167,7 @@ def test_append_to_store_keeps_existing_chunks(real_models, tmp_path):
     assert os.stat(os.path.join(store, "filters", "00000", "c", "0", "0")).st_mtime_ns == mt
     np.testing.assert_array_equal(after.filters[: len(x0)].compute(), x0)
     assert after.n_filters > before.n_filters and after.meta["model_id"].max() == 1
-    from convert.verify import verify
+    from filterdb_dask.convert.verify import verify
 
     assert verify(store, verbosity=0).ok
 
@@ -276,7 +276,7 @@ def test_qlinearconv_weights_are_dequantized(tmp_path):
 
 
 def test_meta_per_model_on_the_command_line_then_numeric_order(tmp_path):
-    from convert.write import convert
+    from filterdb_dask.convert.write import convert
     from filterdb_dask import analyze
     from filterdb_dask.run import main
 
@@ -301,7 +301,7 @@ def test_meta_per_model_on_the_command_line_then_numeric_order(tmp_path):
 
 
 def test_bad_meta_values(tmp_path):
-    from convert.ingest import parse_meta_values
+    from filterdb_dask.convert.ingest import parse_meta_values
     from filterdb_dask.run import main
 
     assert parse_meta_values(["a=1", "b= 2.5 ", "c=x", "d=nan", "e="]) == {

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from convert.write import convert
+from filterdb_dask.convert.write import convert
 from filterdb_dask.resultset import Results
 from filterdb_dask.run import main
 from tests.conftest import write_h5

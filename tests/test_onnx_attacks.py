@@ -14,7 +14,7 @@ from tests.hostile import assert_refused, run_bounded
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from convert.onnx_extract import read_onnx  # noqa: E402
+from filterdb_dask.convert.onnx_extract import read_onnx  # noqa: E402
 from filterdb_dask.errors import InputError  # noqa: E402
 
 f = numpy_helper.from_array

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convert.plan import chunk_layers, plan_chunks
+from filterdb_dask.convert.plan import chunk_layers, plan_chunks
 from filterdb_dask.errors import InputError
 
 

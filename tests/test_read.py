@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from convert.read import clean_task, parse_filter_ids, read_source
+from filterdb_dask.convert.read import clean_task, parse_filter_ids, read_source
 from filterdb_dask.errors import InputError, UnsafePickleError
 from tests.conftest import simple_meta, write_h5
 

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from convert.verify import verify
-from convert.write import convert
+from filterdb_dask.convert.verify import verify
+from filterdb_dask.convert.write import convert
 from filterdb_dask import storeformat as fmt
 from filterdb_dask.analysis import analyze
 from filterdb_dask.errors import StoreBusyError, StoreError
@@ -82,7 +82,7 @@ def _assert_same_results(a, b):
 
 @pytest.mark.slow  # ~40 s on 2 shared cores: three CLI runs, two conversions, two analyses
 def test_convert_killed_resumed_verified_analysed_equals_local(s3, tmp_path):
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
 
     fs, _ = s3
     src = str(tmp_path / "d.h5")

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from convert import safepickle
-from convert.read import read_meta, read_source
-from convert.safepickle import decode
+from filterdb_dask.convert import safepickle
+from filterdb_dask.convert.read import read_meta, read_source
+from filterdb_dask.convert.safepickle import decode
 from filterdb_dask.errors import InputError, UnsafePickleError
 from tests import attacks
 
@@ -115,7 +115,7 @@ def python(request):
 @pytest.fixture(scope="session")
 def clean_store(tmp_path_factory):
     """A converted store of a clean file (the STORE of ``verify STORE SOURCE``)."""
-    from convert.write import convert
+    from filterdb_dask.convert.write import convert
 
     d = tmp_path_factory.mktemp("clean")
     src = attacks.clean_file(str(d / "clean.h5"))
@@ -313,7 +313,7 @@ def test_text_attribute_ending_in_a_full_stop_stays_text(tmp_path):
 
 # ------------------------------------------------------------------ trusted files unchanged
 def _frames(tmp_path):
-    from convert.synth import synthesize
+    from filterdb_dask.convert.synth import synthesize
 
     meta = attacks.simple_meta([5, 7, 3, 10], tasks=["Semantic Segmentation", "x", "y", None],
                                extra={"op_set": [11, 11, 13, 13],
@@ -336,7 +336,7 @@ def _missing_as_none(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_trusted_files_read_like_pandas_and_convert_identically(tmp_path):
-    from convert.write import convert
+    from filterdb_dask.convert.write import convert
     from filterdb_dask.store import open_store
 
     for p in _frames(tmp_path):
@@ -378,7 +378,7 @@ def _spy_pytables(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("fmt", ["fixed", "table"])
 def test_ingest_into_existing_h5_never_opens_it_with_pytables(fmt, tmp_path, model, monkeypatch):
-    from convert.ingest import ingest
+    from filterdb_dask.convert.ingest import ingest
 
     target = str(tmp_path / "own.h5")
     meta = attacks.simple_meta([8 * 3]).reset_index()
@@ -407,7 +407,7 @@ def test_ingest_into_existing_h5_never_opens_it_with_pytables(fmt, tmp_path, mod
 
 
 def test_new_ingest_h5_is_read_by_pandas(tmp_path, model):
-    from convert.ingest import ingest
+    from filterdb_dask.convert.ingest import ingest
 
     target = str(tmp_path / "new.h5")
     with warnings.catch_warnings():
@@ -438,7 +438,7 @@ def test_bad_yaml_meta_file_is_one_line(text, match, tmp_path, capsys, monkeypat
 
 
 def test_yaml_dates_become_text(tmp_path):
-    from convert.ingest import load_side_info
+    from filterdb_dask.convert.ingest import load_side_info
 
     (tmp_path / "s.yml").write_text("m.onnx: {Paper: 2022-06-01, Task: OCR}\n")
     assert load_side_info(str(tmp_path / "s.yml")) == {
@@ -446,7 +446,7 @@ def test_yaml_dates_become_text(tmp_path):
 
 
 def test_bad_csv_meta_file(tmp_path):
-    from convert.ingest import load_side_info
+    from filterdb_dask.convert.ingest import load_side_info
 
     (tmp_path / "s.csv").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(InputError, match="is not readable CSV|needs a 'model' column"):
@@ -466,7 +466,7 @@ def test_pytables_filters_attribute_decodes_to_its_settings():
 
 
 def test_temporary_file_name_taken_by_a_symlink_is_not_written_through(tmp_path, model):
-    from convert.ingest import ingest
+    from filterdb_dask.convert.ingest import ingest
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

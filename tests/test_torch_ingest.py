@@ -9,15 +9,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from convert.ingest import ingest  # noqa: E402
-from convert.onnx_extract import read_onnx  # noqa: E402
-from convert.read import read_source  # noqa: E402
-from convert.torch_extract import read_module, read_state_dict  # noqa: E402
+from filterdb_dask.convert.ingest import ingest  # noqa: E402
+from filterdb_dask.convert.onnx_extract import read_onnx  # noqa: E402
+from filterdb_dask.convert.read import read_source  # noqa: E402
+from filterdb_dask.convert.torch_extract import read_module, read_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from convert.digits import export, train
+    from filterdb_dask.convert.digits import export, train
 
     net, example, acc = train()
     d = tmp_path_factory.mktemp("torch")
