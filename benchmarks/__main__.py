@@ -326,8 +326,8 @@ def run_peer(ctx: dict, args) -> dict:
     except Exception as exc:  # no network, no wheel: say so in the report
         return {"skipped": f"could not set up {venv}: {exc}"}
     res = ctx["fdb"]
-    spec = {"store": ctx["store"].path, "mean": res.pca["mean"].tolist(),
-            "components": res.pca["components"].tolist(),
+    spec = {"store": ctx["store"].path, "mean": res.pca.mean.tolist(),
+            "components": res.pca.components.tolist(),
             "coef_range": [float(v) for v in res.coef_range], "bins": ctx["bins"],
             "n_groups": ctx["grouping"].n_groups, "codes": ctx["grouping"].codes.tolist(),
             "workers": ctx["cores"], "repeat": args.repeat}

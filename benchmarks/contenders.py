@@ -158,7 +158,7 @@ def daskml_pca(ctx):
 
 def _lazy_coefs(ctx):
     ref = ctx["fdb"]
-    return ctx["store"].filters.map_blocks(_project, ref.pca["mean"], ref.pca["components"],
+    return ctx["store"].filters.map_blocks(_project, ref.pca.mean, ref.pca.components,
                                            dtype=np.float64)
 
 
@@ -270,11 +270,12 @@ def errors(out: dict, ref: dict) -> dict:
     """Error of a contender's output against the float64 reference."""
     e = {}
     if "pca" in out and ref.get("pca") is not None:
-        ev, rv = np.asarray(out["pca"]["explained_variance"]), ref["pca"]["explained_variance"]
+        # filterdb_dask gives a typed PCA, the peers plain dicts of the same names
+        p, r = (x.to_dict() if hasattr(x, "to_dict") else x for x in (out["pca"], ref["pca"]))
+        ev, rv = np.asarray(p["explained_variance"]), np.asarray(r["explained_variance"])
         e["smallest_eigenvalue_rel_error"] = float(abs(ev[-1] - rv[-1]) / rv[-1])
         e["explained_variance_ratio_max_abs_error"] = float(np.max(np.abs(
-            np.asarray(out["pca"]["explained_variance_ratio"]) - ref["pca"][
-                "explained_variance_ratio"])))
+            np.asarray(p["explained_variance_ratio"]) - np.asarray(r["explained_variance_ratio"]))))
     if "group_hist" in out and ref.get("group_hist") is not None:
         a, b = np.asarray(out["group_hist"]), ref["group_hist"]
         if a.shape == b.shape:

@@ -185,9 +185,9 @@ def parse_meta_values(items) -> dict:
         key, sep, text = str(item).partition("=")
         key = key.strip()
         if not sep or not key:
-            raise InputError(f"--meta {str(item)[:80]!r} must read NAME=VALUE (e.g. epoch=5)")
+            raise InputError(f"`meta` {str(item)[:80]!r} must read NAME=VALUE (e.g. epoch=5)")
         if key in out:
-            raise InputError(f"--meta {key[:40]!r} is given twice")
+            raise InputError(f"`meta` {key[:40]!r} is given twice")
         out[key] = _meta_value(text.strip())
     return out
 
@@ -311,7 +311,7 @@ def ingest(
     for info in infos:
         if info.sha256 in seen and not force:
             raise InputError(f"{info.path!r} is already in {into!r} (same content hash "
-                             f"{info.sha256[:12]}); pass --force to add it again")
+                             f"{info.sha256[:12]}); pass `force` to add it again")
         seen.add(info.sha256)
         f = {**fields, **side.get(os.path.basename(info.path), {})}
         table, w = model_table(info, next_id, pos, f)

@@ -198,7 +198,7 @@ def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Datas
         )
     if len(names) > 1:
         raise InputError(
-            f"{path!r} holds both 'filter' and 'filters'; choose one with --filters-name"
+            f"{path!r} holds both 'filter' and 'filters'; choose one with `filters_name`"
         )
     dset = node(f, names[0])
     if not isinstance(dset, h5py.Dataset):

@@ -41,6 +41,7 @@ _LAZY = {
     "Results": "analysis",
     "open_store": "store",
     "FilterStore": "store",
+    "PCA": "pca",
     "write_report": "report",
 }
 
@@ -50,6 +51,7 @@ __all__ = [
     "FilterDBError",
     "FilterStore",
     "InputError",
+    "PCA",
     "Results",
     "StoreBusyError",
     "StoreError",

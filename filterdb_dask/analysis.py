@@ -220,7 +220,7 @@ def analyze(
     edges, fine_edges = bin_edges(coef_range, bins=bins, fine_bins=fine_bins)
     group_hist = {g.slug: group_histograms(layer_hist, g.codes, g.n_groups) for g in groupings}
     kl = {
-        g.slug: kl_matrix(group_hist[g.slug], edges, pca["explained_variance_ratio"], g.labels)
+        g.slug: kl_matrix(group_hist[g.slug], edges, pca.explained_variance_ratio, g.labels)
         for g in groupings
     }
     fine_hist = {g.slug: fine[offsets[j]: offsets[j + 1]] for j, g in enumerate(ridge)}

@@ -145,20 +145,19 @@ def validate(opts: ExecutionOptions) -> None:
     given = [n for n in ("address", "scheduler_file", "cluster") if getattr(opts, n)]
     if len(given) > 1:
         raise UsageError(
-            "choose one of --address, --scheduler-file and --cluster, not "
-            + " and ".join("--" + g.replace("_", "-") for g in given)
+            "choose one of `address`, `scheduler_file` and `cluster`, not "
+            + " and ".join(f"`{g}`" for g in given)
         )
     if opts.scheduler is not None and opts.scheduler not in SCHEDULERS:
         raise UsageError(f"scheduler {opts.scheduler!r} is not one of {SCHEDULERS}")
     if given and opts.scheduler not in (None, "distributed"):
-        flag = "--" + given[0].replace("_", "-")
-        raise UsageError(f"--scheduler {opts.scheduler} cannot be combined with {flag}")
+        raise UsageError(f"`scheduler` {opts.scheduler} cannot be combined with `{given[0]}`")
     if opts.cluster and opts.cluster not in JOBQUEUE:
         raise UsageError(f"cluster {opts.cluster!r} is not one of {sorted(JOBQUEUE)}")
     if opts.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {opts.jobs!r}")
+        raise UsageError(f"`jobs` must be at least 1, got {opts.jobs!r}")
     if opts.dry_run and not opts.cluster:
-        raise UsageError("--dry-run prints a batch job script: it needs --cluster")
+        raise UsageError("`dry_run` prints a batch job script: it needs `cluster`")
 
 
 def choose(opts: ExecutionOptions, command: str) -> str:
@@ -186,7 +185,7 @@ def job_script(opts: ExecutionOptions) -> str:
     """The batch job script a ``cluster`` option would submit; submits nothing."""
     validate(opts)
     if not opts.cluster:
-        raise UsageError("--dry-run prints a batch job script: it needs --cluster")
+        raise UsageError("`dry_run` prints a batch job script: it needs `cluster`")
     cluster = jobqueue_cluster(opts)
     try:
         return cluster.job_script()
@@ -259,7 +258,7 @@ def jobqueue_cluster(opts: ExecutionOptions):
         import dask_jobqueue
     except ImportError as exc:
         raise ClusterError(
-            f"--cluster {opts.cluster} needs dask-jobqueue: pip install 'filterdb-dask[hpc]'"
+            f"`cluster` {opts.cluster} needs dask-jobqueue: pip install 'filterdb-dask[hpc]'"
         ) from exc
     cls = getattr(dask_jobqueue, JOBQUEUE[opts.cluster])
     kw = {name: getattr(opts, name) for name in ("cores", "memory", "walltime", "queue")
@@ -279,7 +278,7 @@ def jobqueue_cluster(opts: ExecutionOptions):
         hint = ""
         if "cores" not in kw and conf.get("cores") is None or \
                 "memory" not in kw and conf.get("memory") is None:
-            hint = (f"; give cores and memory per job with --cores/--memory or in Dask's "
+            hint = (f"; give cores and memory per job with `cores`/`memory` or in Dask's "
                     f"config jobqueue.{opts.cluster}.cores/.memory")
         raise ClusterError(f"cannot set up a {opts.cluster} cluster: {first}{hint}") from exc
 

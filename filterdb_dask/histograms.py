@@ -65,7 +65,7 @@ def coef_range_density(
         [(b,) for b in store.chunk_bounds()],
         outputs=[([1] * n, (2,), np.float64), ([1] * n, (density_bins, density_bins), np.int64)],
         name="coef-range-density",
-        common_args=(pca["mean"], pca["components"], dedges, engine),
+        common_args=(pca.mean, pca.components, dedges, engine),
     )
     lo = rng[:, 0].min()
     hi = rng[:, 1].max()
@@ -157,7 +157,7 @@ def layer_histograms(
             ([1] * n, (n_groups, 9, len(fedges) - 1), np.int64),
         ],
         name="layer-histograms",
-        common_args=(pca["mean"], pca["components"], edges, n_groups, fedges, engine),
+        common_args=(pca.mean, pca.components, edges, n_groups, fedges, engine),
     )
     return hist, fine.sum(axis=0)
 

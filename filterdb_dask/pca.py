@@ -4,9 +4,14 @@ Pass 1 computes, per layer, the count, mean and centred 9x9 scatter of the
 scaled filters (plus the layer-quality statistics, which need the same pass).
 Merging them exactly (Chan et al.) gives the global PCA and the PCA of any
 selection of layers without another pass over the filters.
+
+Owner of the PCA result (issue 11.5): :class:`PCA` is the one typed value that the
+analysis, the histograms, the result set and the report pass around.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -14,6 +19,36 @@ from . import kernels
 from ._graph import map_chunks
 from .engines import get_kernels
 from .errors import AnalysisError
+
+
+@dataclass(frozen=True, eq=False)
+class PCA:
+    """A PCA of scaled filters (docs/method.md §3): the one type every module passes.
+
+    ``components`` holds one component per row (largest-|entry| positive),
+    ``covariance`` is the n−1 covariance of the scaled filters; with fewer than two
+    filters every array is NaN.
+    """
+
+    n_filters: int
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    covariance: np.ndarray
+
+    #: the array fields, in the order results.zarr and pca.json list them
+    ARRAYS = ("mean", "components", "explained_variance", "explained_variance_ratio",
+              "covariance")
+
+    @classmethod
+    def from_moments(cls, n: float, mean: np.ndarray, m2: np.ndarray) -> PCA:
+        """The PCA of merged moments (count, mean, centred scatter)."""
+        return cls(**kernels.pca_finalize(n, mean, m2))
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields (arrays as numpy arrays)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _stats_task(x, bounds, engine):
@@ -46,7 +81,7 @@ def layer_stats(store, *, engine: str = "auto"):
     return stats
 
 
-def pca_from_stats(stats: np.ndarray, select: np.ndarray | None = None) -> dict:
+def pca_from_stats(stats: np.ndarray, select: np.ndarray | None = None) -> PCA:
     """PCA of the filters of the selected layers from their pass-1 statistics.
 
     Parameters
@@ -56,13 +91,13 @@ def pca_from_stats(stats: np.ndarray, select: np.ndarray | None = None) -> dict:
 
     Returns
     -------
-    dict as :func:`filterdb_dask.kernels.pca_finalize`.
+    PCA
     """
     s = stats if select is None else stats[select]
     n, mean, m2 = kernels.moments_combine(
         s[:, kernels.STAT_N], s[:, kernels.STAT_MEAN], s[:, kernels.STAT_M2]
     )
-    return kernels.pca_finalize(n, mean, m2)
+    return PCA.from_moments(n, mean, m2)
 
 
 def group_covariances(stats: np.ndarray, codes: np.ndarray, n_groups: int):
@@ -82,9 +117,9 @@ def group_covariances(stats: np.ndarray, codes: np.ndarray, n_groups: int):
     return counts, means, covs
 
 
-def validate_pca(pca: dict) -> None:
+def validate_pca(pca: PCA) -> None:
     """Refuse a PCA that cannot define coefficients (fewer than two filters)."""
-    if pca["n_filters"] < 2 or not np.all(np.isfinite(pca["components"])):
+    if pca.n_filters < 2 or not np.all(np.isfinite(pca.components)):
         raise AnalysisError(
-            f"the PCA needs at least two filters; the store's layers hold {pca['n_filters']}"
+            f"the PCA needs at least two filters; the store's layers hold {pca.n_filters}"
         )

@@ -43,10 +43,10 @@ def normalize_sparsity_eps(eps) -> tuple[float, ...]:
     for v in eps:
         try:
             e = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as exc:
             raise AnalysisError(
                 f"sparsity threshold {str(v)[:40]!r} is not a number; give e.g. 0.001,0.01,0.1"
-            ) from None
+            ) from exc
         if not (0.0 < e <= 1.0):
             raise AnalysisError(f"sparsity threshold {e!r} must lie in (0, 1]")
         if e in out:

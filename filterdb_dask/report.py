@@ -129,14 +129,14 @@ def _annotate(ax, im, m: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------- plotted arrays
-def covariance_matrix(pca: dict) -> np.ndarray:
+def covariance_matrix(pca) -> np.ndarray:
     """Σ of the scaled filters, (9, 9): ``componentsᵀ · diag(explained_variance) · components``.
 
     This is scikit-learn's ``PCA.get_covariance()`` for a full-rank PCA (no noise
     term), i.e. the n−1 covariance of pass 1 recovered from its eigendecomposition.
     """
-    c = np.asarray(pca["components"], dtype=np.float64)
-    v = np.asarray(pca["explained_variance"], dtype=np.float64)
+    c = np.asarray(pca.components, dtype=np.float64)
+    v = np.asarray(pca.explained_variance, dtype=np.float64)
     return c.T @ (v[:, None] * c)
 
 
@@ -164,16 +164,16 @@ def aligned_components(components, reference) -> tuple[np.ndarray, np.ndarray]:
     return np.where(flipped[:, None], -c, c), flipped
 
 
-def eigenimage_rows(pca: dict, subsets: dict) -> tuple[dict[str, np.ndarray], int]:
+def eigenimage_rows(pca, subsets: dict) -> tuple[dict[str, np.ndarray], int]:
     """Rows of the eigenimage figure: global components, then each subset aligned.
 
     Returns the rows (name -> (9, 9)) and the number of subset components flipped.
     """
-    ref = np.asarray(pca["components"], dtype=np.float64)
+    ref = np.asarray(pca.components, dtype=np.float64)
     rows = {"all filters": ref}
     n_flipped = 0
     for name, sp in subsets.items():
-        c = np.asarray(sp["components"], dtype=float)
+        c = np.asarray(sp.components, dtype=float)
         if np.all(np.isfinite(c)):
             rows[str(name).split("=", 1)[-1]], flipped = aligned_components(c, ref)
             n_flipped += int(flipped.sum())
@@ -235,14 +235,14 @@ def _fig_size(w: float, h: float) -> tuple[float, float]:
     return min(w, MAX_FIG_INCHES), min(h, MAX_FIG_INCHES)
 
 
-def fig_explained_variance(pca: dict, subsets: dict):
+def fig_explained_variance(pca, subsets: dict):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     k = np.arange(1, 10)
-    ax.plot(k, cumulative_ratio(pca["explained_variance_ratio"]), "o-", lw=2.5, color="k",
+    ax.plot(k, cumulative_ratio(pca.explained_variance_ratio), "o-", lw=2.5, color="k",
             label="all filters")
     for name, sp in subsets.items():
-        r = np.asarray(sp["explained_variance_ratio"], dtype=float)
+        r = np.asarray(sp.explained_variance_ratio, dtype=float)
         if np.all(np.isfinite(r)):
             ax.plot(k, cumulative_ratio(r), ".-", alpha=0.8,
                     label=short_label(str(name).split("=", 1)[-1]))
@@ -441,7 +441,7 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
     plots_dir = os.path.join(out, "plots.tmp")
     shutil.rmtree(plots_dir, ignore_errors=True)
     os.makedirs(plots_dir)
-    pca = res.pca_json()
+    pca = res.pca
     subsets = {_mpl_text(k): v for k, v in res.subsets.items()}
     settings = res.settings
     quality = res.quality
@@ -457,7 +457,7 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
     models = res.models()
     n_layers = int(settings.get("n_layers", len(quality)))
     header = {
-        "filters": f"{int(pca['n_filters']):,}",
+        "filters": f"{int(pca.n_filters):,}",
         "layers": f"{n_layers:,}",
         "models": f"{quality['model_id'].nunique():,}",
         "coefficient range": f"[{res.coef_range[0]:.4f}, {res.coef_range[1]:.4f}]",
@@ -472,7 +472,7 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
     body += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
              for k, v in header.items()]
     body.append("</table>")
-    ratio = ", ".join(f"{v:.4f}" for v in res.pca["explained_variance_ratio"])
+    ratio = ", ".join(f"{v:.4f}" for v in res.pca.explained_variance_ratio)
     body.append(f"<p>Explained variance ratio: {ratio}</p>")
     for name, b64 in plots.items():
         body.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"

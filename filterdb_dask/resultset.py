@@ -40,7 +40,7 @@ from .errors import AnalysisError
 from .groups import Grouping, make_grouping
 from .histograms import group_histograms
 from .kl import drift_summary, kl_matrix
-from .pca import group_covariances
+from .pca import PCA, group_covariances
 from .quality import degenerated_layers, model_summary, quality_table
 
 #: ``results.zarr``'s schema; a set of another schema is refused (run analyze again)
@@ -53,8 +53,7 @@ _TOP_ENTRIES = frozenset({
 })
 _SUB_ENTRIES = {"kl": re.compile(r"[0-9a-z_]+\.csv(\.tmp)?"),
                 "plots": re.compile(r"[0-9A-Za-z_]+\.png")}
-_PCA_KEYS = ("mean", "components", "explained_variance", "explained_variance_ratio",
-             "covariance")
+_PCA_KEYS = PCA.ARRAYS
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Results:
     """
 
     meta: pd.DataFrame
-    pca: dict
+    pca: PCA
     coef_range: np.ndarray
     bin_edges: np.ndarray
     layer_stats: np.ndarray
@@ -112,7 +111,7 @@ class Results:
     def kl_matrix(self, by: str) -> pd.DataFrame:
         """Shift matrix (docs/method.md §5) of any grouping, from the per-layer histograms."""
         g, h = self.group_histogram(by)
-        return kl_matrix(h, self.bin_edges, self.pca["explained_variance_ratio"], g.labels)
+        return kl_matrix(h, self.bin_edges, self.pca.explained_variance_ratio, g.labels)
 
     def drift(self) -> pd.DataFrame:
         """Box-plot statistics of the upper triangle of every grouping's matrix."""
@@ -140,7 +139,7 @@ class Results:
 
         g = next(gr for gr in self.groupings if gr.slug == slug)
         n, _, covs = group_covariances(self.layer_stats, g.codes, g.n_groups)
-        comps = self.pca["components"]
+        comps = self.pca.components
         var = np.einsum("kf,gfh,kh->gk", comps, np.nan_to_num(covs), comps)
         std = np.sqrt(np.clip(np.where(n[:, None] > 1, var, 0.0), 0.0, None))
         edges = self.fine_edges
@@ -157,13 +156,13 @@ class Results:
         p = self.pca
         data, coords, meta_spec = _encode_meta(self.meta)
         data.update({
-            "mean": (("feature",), p["mean"]),
-            "components": (("component", "feature"), p["components"]),
-            "explained_variance": (("component",), p["explained_variance"]),
-            "explained_variance_ratio": (("component",), p["explained_variance_ratio"]),
-            "covariance": (("feature", "feature_b"), p["covariance"]),
+            "mean": (("feature",), p.mean),
+            "components": (("component", "feature"), p.components),
+            "explained_variance": (("component",), p.explained_variance),
+            "explained_variance_ratio": (("component",), p.explained_variance_ratio),
+            "covariance": (("feature", "feature_b"), p.covariance),
             "coef_covariance": (("component", "component_b"),
-                                p["components"] @ p["covariance"] @ p["components"].T),
+                                p.components @ p.covariance @ p.components.T),
             "coef_range": (("bound",), np.asarray(self.coef_range, dtype=np.float64)),
             "layer_stats": (("layer", "stat"), self.layer_stats),
             **({} if self.sweep is None else
@@ -179,11 +178,12 @@ class Results:
                     "explained_variance": ("component",),
                     "explained_variance_ratio": ("component",),
                     "covariance": ("feature", "feature_b")}[key]
-            stack = np.array([self.subsets[n][key] for n in names], dtype=np.float64)
+            stack = np.array([getattr(self.subsets[n], key) for n in names],
+                             dtype=np.float64)
             data[f"subset_{key}"] = (("subset", *dims),
                                      stack.reshape(len(names), *([9] * len(dims))))
         data["subset_n_filters"] = (("subset",), np.array(
-            [self.subsets[n]["n_filters"] for n in names], dtype=np.int64))
+            [self.subsets[n].n_filters for n in names], dtype=np.int64))
         q = self.quality
         for col in q.columns[4:]:
             data[f"quality_{col}"] = (("layer",), q[col].to_numpy(dtype=np.float64))
@@ -215,7 +215,7 @@ class Results:
         ds.attrs.update({
             "title": "CNN Filter DB analysis (filterdb_dask)",
             "filterdb_results": SCHEMA,
-            "n_filters": int(p["n_filters"]),
+            "n_filters": int(p.n_filters),
             "bins": int(self.bins),
             "groupings": _dumps([{"name": g.name, "slug": g.slug} for g in self.groupings]),
             "subsets": _dumps(names),
@@ -243,14 +243,14 @@ class Results:
                 f"version reads {SCHEMA}: run analyze again"
             )
         meta = _decode_meta(ds, json.loads(ds.attrs["meta"]))
-        pca = {k: ds[k].values.astype(np.float64) for k in _PCA_KEYS}
-        pca["n_filters"] = int(ds.attrs["n_filters"])
+        pca = PCA(n_filters=int(ds.attrs["n_filters"]),
+                  **{k: ds[k].values.astype(np.float64) for k in _PCA_KEYS})
         names = json.loads(ds.attrs["subsets"])
         subsets = {}
         for i, name in enumerate(names):
-            sp = {k: ds[f"subset_{k}"].values[i].astype(np.float64) for k in _PCA_KEYS}
-            sp["n_filters"] = int(ds["subset_n_filters"].values[i])
-            subsets[name] = sp
+            subsets[name] = PCA(
+                n_filters=int(ds["subset_n_filters"].values[i]),
+                **{k: ds[f"subset_{k}"].values[i].astype(np.float64) for k in _PCA_KEYS})
         groupings, group_hist, kl, fine_hist = [], {}, {}, {}
         for item in json.loads(ds.attrs["groupings"]):
             slug = item["slug"]
@@ -502,9 +502,9 @@ def _decode_meta(ds, spec: dict) -> pd.DataFrame:
     return df
 
 
-def _pca_export(p: dict) -> dict:
-    return {"n_filters": int(p["n_filters"]),
-            **{k: np.asarray(p[k]).tolist() for k in _PCA_KEYS if k != "covariance"}}
+def _pca_export(p: PCA) -> dict:
+    return {"n_filters": int(p.n_filters),
+            **{k: np.asarray(getattr(p, k)).tolist() for k in _PCA_KEYS if k != "covariance"}}
 
 
 def _strict(obj):

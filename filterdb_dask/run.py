@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
     os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+    flags = _flag_names(parser, args.command)
     try:
         if getattr(args, "dry_run", False):
             return _dry_run(args)
@@ -543,12 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         if args.debug:
             raise
-        print(f"{PROG}: usage error: {exc}", file=sys.stderr)
+        print(f"{PROG}: usage error: {_cli_terms(_one_line(exc), flags)}", file=sys.stderr)
         return 2
     except (FilterDBError, OSError) as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {_cli_terms(_one_line(exc), flags)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -559,6 +560,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _flag_names(parser: argparse.ArgumentParser, command: str | None) -> dict[str, str]:
+    """API parameter name -> the command line's flag for it (``dry_run`` -> ``--dry-run``),
+    from the parser itself, the chosen command's own options taking precedence."""
+    names: dict[str, str] = {}
+
+    def collect(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if longs and action.dest != argparse.SUPPRESS:
+                names[action.dest] = longs[0]
+
+    collect(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            collect(action.choices[command])
+    return names
+
+
+def _cli_terms(message: str, flags: dict[str, str]) -> str:
+    """Library messages name API parameters in backticks (`` `dry_run` ``); on the
+    command line they read as the flags that set them (``--dry-run``)."""
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`",
+                  lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -196,7 +196,7 @@ def location(where: str | os.PathLike | Location,
     loc = Location(url, json.dumps(storage_options or {}, sort_keys=True))
     if not loc.remote:
         if storage_options:
-            raise StoreError(f"--storage-options are for object-store URLs, not the "
+            raise StoreError(f"`storage_options` are for object-store URLs, not the "
                              f"local path {url!r}")
         return loc
     try:

@@ -19,7 +19,7 @@ from filterdb_dask import analyze, open_store
 from filterdb_dask.analysis import Results
 from filterdb_dask.errors import AnalysisError
 from filterdb_dask.histograms import coef_range_density, layer_histograms
-from filterdb_dask.pca import layer_stats
+from filterdb_dask.pca import PCA, layer_stats
 from filterdb_dask.quality import sparsity_sweep
 from tests import reference as ref
 from tests.conftest import simple_meta, write_h5
@@ -35,14 +35,14 @@ def check_against_reference(res: Results, x: np.ndarray, meta: pd.DataFrame, bin
         for a, b in (s.split(":") for s in meta["filter_ids"].astype(str))
     ])
     p = ref.pca(xs[rows_all])
-    assert res.pca["n_filters"] == len(rows_all)
-    cos = np.abs(np.sum(res.pca["components"] * p["components"], axis=1))
+    assert res.pca.n_filters == len(rows_all)
+    cos = np.abs(np.sum(res.pca.components * p["components"], axis=1))
     assert np.all(cos >= 1 - 1e-9), cos
-    np.testing.assert_allclose(res.pca["explained_variance_ratio"],
+    np.testing.assert_allclose(res.pca.explained_variance_ratio,
                                p["explained_variance_ratio"], rtol=1e-9, atol=1e-13)
-    np.testing.assert_allclose(res.pca["explained_variance"], p["explained_variance"],
+    np.testing.assert_allclose(res.pca.explained_variance, p["explained_variance"],
                                rtol=1e-9, atol=1e-13)
-    np.testing.assert_allclose(res.pca["mean"], p["mean"], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(res.pca.mean, p["mean"], rtol=1e-10, atol=1e-13)
     coefs = np.zeros((len(x), 9))
     coefs[rows_all] = (xs[rows_all] - p["mean"]) @ p["components"].T
     lo, hi = coefs[rows_all].min(), coefs[rows_all].max()
@@ -136,7 +136,7 @@ def test_results_are_the_same_for_every_chunking(edge_db, tmp_path):
         out.append(analyze(store, verbosity=0))
     for r in out[1:]:
         np.testing.assert_array_equal(r.layer_hist, out[0].layer_hist)
-        np.testing.assert_allclose(r.pca["components"], out[0].pca["components"], atol=1e-12)
+        np.testing.assert_allclose(r.pca.components, out[0].pca.components, atol=1e-12)
         np.testing.assert_array_equal(r.coef_range, out[0].coef_range)
 
 
@@ -153,10 +153,10 @@ def test_subset_pca_and_later_groupings_need_no_new_pass(synth_h5, synth_store):
                                                            "filter_ids"])])
     p = ref.pca(ref.scale(x[rows]))
     sp = res.subsets["fr"]
-    assert sp["n_filters"] == len(rows)
-    cos = np.abs(np.sum(sp["components"] * p["components"], axis=1))
+    assert sp.n_filters == len(rows)
+    cos = np.abs(np.sum(sp.components * p["components"], axis=1))
     assert np.all(cos >= 1 - 1e-9)
-    assert np.all(np.isnan(res.subsets["none"]["components"]))  # empty mask: undefined
+    assert np.all(np.isnan(res.subsets["none"].components))  # empty mask: undefined
     # a grouping asked for after the passes: a sum over layers, equal to a full run
     with dask.config.set(scheduler="sync"):
         late = res.kl_matrix("producer")
@@ -172,7 +172,9 @@ def test_builders_do_not_compute(synth_store):
 
     with dask.config.set(scheduler=refuse):
         stats = layer_stats(store)
-        pca = {"mean": np.zeros(9), "components": np.eye(9)}
+        pca = PCA(n_filters=2, mean=np.zeros(9), components=np.eye(9),
+                  explained_variance=np.ones(9), explained_variance_ratio=np.full(9, 1 / 9),
+                  covariance=np.eye(9))
         rng, dens = coef_range_density(store, pca)
         hist, fine = layer_histograms(store, pca, [-2.0, 2.0], bins=7)
         sweep = sparsity_sweep(store, [0.01, 0.1])

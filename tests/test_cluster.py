@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from filterdb_dask.analysis import analyze
-from filterdb_dask.cluster import ExecutionOptions, execution
+from filterdb_dask.cluster import ExecutionOptions, execution, validate
 from filterdb_dask.errors import ClusterError, UsageError
 from filterdb_dask.run import main
 
@@ -142,13 +142,13 @@ def test_local_distributed_cluster_equals_threads(synth_store, threaded, tmp_pat
 
 
 def test_cluster_option_errors(tmp_path):
-    with pytest.raises(UsageError, match="choose one of --address, --scheduler-file"):
+    with pytest.raises(UsageError, match="choose one of `address`, `scheduler_file`"):
         with execution(ExecutionOptions(address="tcp://127.0.0.1:1", scheduler_file="x")):
             pass
-    with pytest.raises(UsageError, match="--scheduler threads cannot be combined with --cluster"):
+    with pytest.raises(UsageError, match="`scheduler` threads cannot be combined with `cluster`"):
         with execution(ExecutionOptions(scheduler="threads", cluster="slurm")):
             pass
-    with pytest.raises(UsageError, match="--dry-run prints a batch job script: it needs"):
+    with pytest.raises(UsageError, match="`dry_run` prints a batch job script: it needs `cluster`"):
         with execution(ExecutionOptions(dry_run=True)):
             pass
     with pytest.raises(UsageError, match="a dry run computes nothing"):
@@ -275,3 +275,16 @@ def test_local_cluster_settings(tmp_path, monkeypatch):
         (w,) = info["workers"].values()
         assert w["memory_limit"] > 0
         assert ex.description.startswith("local distributed cluster (TLS)")
+
+
+def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
+    # the library speaks of its parameters; only the command line turns them into flags
+    opts = ExecutionOptions(scheduler="threads", cluster="slurm")
+    with pytest.raises(UsageError) as info:
+        validate(opts)
+    assert "--" not in str(info.value)
+    assert main(["analyze", str(tmp_path / "x.zarr"), "--out", str(tmp_path / "o"),
+                 "--scheduler", "threads", "--cluster", "slurm", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--scheduler threads cannot be combined with --cluster" in err
+    assert "`" not in err

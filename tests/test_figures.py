@@ -23,6 +23,7 @@ from filterdb_dask import analyze
 from filterdb_dask import kernels as K
 from filterdb_dask import report as R
 from filterdb_dask.errors import AnalysisError
+from filterdb_dask.resultset import Results
 from tests import reference as ref
 
 KDEpy = pytest.importorskip("KDEpy")
@@ -102,9 +103,7 @@ def test_the_report_draws_the_notebook_arrays(built):
 
 
 def test_covariance_is_sklearn_get_covariance(built):
-    with open(os.path.join(built["out"], "pca.json")) as fh:
-        pca = json.load(fh)
-    sigma = R.covariance_matrix(pca)
+    sigma = R.covariance_matrix(Results.open(built["out"]).pca)
     want = built["pca"].get_covariance()
     np.testing.assert_allclose(sigma, want, rtol=1e-9, atol=1e-12)
     # the old figure showed the coefficients' diagonal covariance: not this
@@ -155,11 +154,9 @@ def test_density_figure_is_drawn_like_the_notebook():
 
 def test_subset_eigenimages_are_sign_aligned_to_the_closest_global_component(built):
     res = built["res"]
-    with open(os.path.join(built["out"], "pca.json")) as fh:
-        pca = json.load(fh)
-    with open(os.path.join(built["out"], "pca_subsets.json")) as fh:
-        subsets = json.load(fh)
-    rows, n_flipped = R.eigenimage_rows(pca, subsets)
+    written = Results.open(built["out"])  # what the report reads
+    subsets = written.subsets
+    rows, n_flipped = R.eigenimage_rows(written.pca, subsets)
     glob = built["pca"].components_
     vc = res.meta["Visual Category"].astype(str).to_numpy()
     for name in subsets:

@@ -142,7 +142,7 @@ def test_ingest_real_models_then_convert_and_analyze(real_models, tmp_path):
     store = str(tmp_path / "own.zarr")
     convert(h5, store, chunk_filters=50_000, verbosity=0)
     out = analyze(store, by=["model", "depth decile"], verbosity=0)
-    assert out.kl["model"].shape == (3, 3) and out.pca["n_filters"] == res.filters
+    assert out.kl["model"].shape == (3, 3) and out.pca.n_filters == res.filters
     # a duplicate is refused, --force adds it
     with pytest.raises(InputError, match=r"is already in .* \(same content hash"):
         ingest([paths[0]], h5)

@@ -326,7 +326,7 @@ def _same_bits(a, b):
     np.testing.assert_array_equal(a.density, b.density)
     np.testing.assert_array_equal(a.coef_range, b.coef_range)
     for key in ("mean", "components", "explained_variance", "explained_variance_ratio"):
-        np.testing.assert_array_equal(a.pca[key], b.pca[key])
+        np.testing.assert_array_equal(getattr(a.pca, key), getattr(b.pca, key))
     for slug in a.kl:
         np.testing.assert_array_equal(a.kl[slug].to_numpy(), b.kl[slug].to_numpy())
     assert a.fine_hist.keys() == b.fine_hist.keys()

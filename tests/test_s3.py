@@ -184,7 +184,7 @@ def test_object_store_errors(s3, tmp_path):
         open_store(f"s3://{BUCKET}/none.zarr")
     with pytest.raises(StoreError, match="bucket 'no-such-bucket' .* cannot be listed"):
         fmt.location("s3://no-such-bucket/db.zarr").prepare()
-    with pytest.raises(StoreError, match="--storage-options are for object-store URLs"):
+    with pytest.raises(StoreError, match="`storage_options` are for object-store URLs"):
         open_store(tmp_path / "x.zarr", {"anon": True})
     with pytest.raises(StoreError, match="ingest into an object store"):
         fmt.append(f"s3://{BUCKET}/x.zarr", np.zeros((1, 9)), np.array([[0, 1]]),
