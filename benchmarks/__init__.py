@@ -1,5 +1,7 @@
 """Benchmark suite of filterdb_dask (run: python -m benchmarks --help)."""
 
+import os
+
 
 def parse_count(text: str) -> int:
     """'20M' -> 20_000_000 ('k', 'M', 'G' suffixes; plain integers too)."""
@@ -12,3 +14,14 @@ def parse_count(text: str) -> int:
     if value < 1:
         raise ValueError(f"count must be positive, got {text!r}")
     return value
+
+
+def cached_synth(directory: str, n: int) -> str:
+    """A synthetic dataset.h5 of ``n`` filters in ``directory``, made once and reused
+    (the project's ``synth``, seed 0, one model per ~50k filters, at least 10)."""
+    from filterdb_dask.convert.synth import synthesize
+
+    h5 = os.path.join(directory, f"synth-{n}.h5")
+    if not os.path.exists(h5):
+        synthesize(h5, n_filters=n, n_models=max(10, n // 50_000), seed=0)
+    return h5

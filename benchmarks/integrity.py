@@ -56,8 +56,7 @@ def unchecked_copy(store, path: str):
 def main(argv=None) -> int:
     import numcodecs.blosc
 
-    from benchmarks import parse_count
-    from filterdb_dask.convert.synth import synthesize
+    from benchmarks import cached_synth, parse_count
     from filterdb_dask.convert.write import convert
     from filterdb_dask.pca import layer_stats
     from filterdb_dask.store import open_store
@@ -71,9 +70,7 @@ def main(argv=None) -> int:
     numcodecs.blosc.set_nthreads(1)
     n = parse_count(args.filters)
     d = args.dir or tempfile.mkdtemp(prefix="fdb-integrity-")
-    h5 = os.path.join(d, f"synth-{n}.h5")
-    if not os.path.exists(h5):
-        synthesize(h5, n_filters=n, n_models=max(10, n // 50_000), seed=0)
+    h5 = cached_synth(d, n)
     checked_path = os.path.join(d, f"checked-{args.codec}.zarr")
     convert(h5, checked_path, codec=args.codec, verbosity=0)
     checked = open_store(checked_path)

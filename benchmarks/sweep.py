@@ -18,7 +18,7 @@ import time
 
 import dask
 
-from benchmarks import parse_count
+from benchmarks import cached_synth, parse_count
 
 EPS = (0.001, 0.005, 0.01, 0.05, 0.1)
 
@@ -26,7 +26,6 @@ EPS = (0.001, 0.005, 0.01, 0.05, 0.1)
 def main(argv=None) -> int:
     import numcodecs.blosc
 
-    from filterdb_dask.convert.synth import synthesize
     from filterdb_dask.convert.write import convert
     from filterdb_dask.engines import resolve_engine
     from filterdb_dask.pca import layer_stats
@@ -42,9 +41,7 @@ def main(argv=None) -> int:
     numcodecs.blosc.set_nthreads(1)
     n = parse_count(args.filters)
     d = args.dir or tempfile.mkdtemp(prefix="fdb-sweep-")
-    h5 = os.path.join(d, f"synth-{n}.h5")
-    if not os.path.exists(h5):
-        synthesize(h5, n_filters=n, n_models=max(10, n // 50_000), seed=0)
+    h5 = cached_synth(d, n)
     path = os.path.join(d, "store.zarr")
     if not os.path.exists(path):
         convert(h5, path, verbosity=0)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -46,18 +47,12 @@ def s3():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
     try:
-        yield fs, endpoint
+        with mock.patch.dict(os.environ, {**ENV, "AWS_ENDPOINT_URL": endpoint}):
+            fs = fsspec.filesystem("s3", skip_instance_cache=True)
+            fs.mkdir(BUCKET)
+            yield fs, endpoint
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 
