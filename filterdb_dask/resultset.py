@@ -25,11 +25,14 @@ unicode survive exactly. JSON exports are strict JSON (NaN is written as ``null`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -42,6 +45,7 @@ from .histograms import group_histograms
 from .kl import drift_summary, kl_matrix
 from .pca import PCA, group_covariances
 from .quality import degenerated_layers, model_summary, quality_table
+from .storeformat import pid_alive
 
 #: ``results.zarr``'s schema; a set of another schema is refused (run analyze again)
 SCHEMA = 1
@@ -365,8 +369,8 @@ class Results:
         """
         out = os.path.abspath(os.fspath(out))
         check_out_dir(out)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.writing-",
-                               dir=os.path.dirname(out))
+        remove_stale_siblings(out)
+        tmp = tempfile.mkdtemp(prefix=_sibling_prefix(out, "writing"), dir=os.path.dirname(out))
         try:
             os.chmod(tmp, 0o777 & ~_umask())
             self.to_dataset().to_zarr(os.path.join(tmp, ZARR_NAME), mode="w-",
@@ -442,7 +446,7 @@ def _swap_in(tmp: str, out: str) -> None:
     if not os.path.exists(out):
         os.rename(tmp, out)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    old = tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=os.path.dirname(out))
     moved = os.path.join(old, "set")
     os.rename(out, moved)
     try:
@@ -452,6 +456,49 @@ def _swap_in(tmp: str, out: str) -> None:
         os.rmdir(old)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _sibling_prefix(out: str, kind: str) -> str:
+    """Name prefix of a temporary sibling of ``out``: who made it (process, host)."""
+    return f".{os.path.basename(out)}.{kind}-{os.getpid()}-{_host_tag()}-"
+
+
+def remove_stale_siblings(out: str | os.PathLike) -> list[str]:
+    """Remove the temporary siblings of ``out`` left by a writer that was killed.
+
+    A sibling is stale when it was made on this host by a process that no longer
+    runs, is a real directory (not a link) and belongs to this user; siblings of
+    live writers, of other hosts (a shared file system) and of other users stay.
+    A stale ``old`` sibling is kept while ``out`` is missing (it then holds the only
+    copy of the previous result set). Returns the removed paths.
+    """
+    out = os.path.abspath(os.fspath(out))
+    parent, base = os.path.split(out)
+    pattern = re.compile(r"\.%s\.(writing|old)-(\d+)-([0-9a-f]{8})-[^/]+" % re.escape(base))
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m or m.group(3) != _host_tag() or pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not os.path.isdir(out):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _umask() -> int:

@@ -541,7 +541,8 @@ def check_all_chunk_metadata(path: str | Location, rec: StoreRecord) -> None:
 
 
 # ----------------------------------------------------------------------- the lock
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this id runs (of any user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -589,7 +590,7 @@ class StoreLock:
                 pid = int(other.get("pid", -1))
             except (TypeError, ValueError):
                 pid = -1
-            if same_host and pid > 0 and not _pid_alive(pid):
+            if same_host and pid > 0 and not pid_alive(pid):
                 self.loc.remove(LOCK_NAME)  # left by a dead writer: take it over
                 continue
             raise StoreBusyError(

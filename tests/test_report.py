@@ -107,3 +107,29 @@ def test_report_of_a_missing_dir_says_so(tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "nope")]) == 1
     assert capsys.readouterr().err.strip().endswith("does not exist")
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_write(synth_store, tmp_path):
+    from filterdb_dask.resultset import _sibling_prefix
+
+    res = analyze(synth_store, verbosity=0)
+    out = tmp_path / "res"
+    # what a writer killed mid-write leaves: its temporary sibling, named by its (now
+    # dead) process; a live writer's sibling, another user's and a link must stay
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / (_sibling_prefix(str(out), "writing").replace(
+        f"-{os.getpid()}-", f"-{dead.pid}-") + "x1")
+    (stale / "results.zarr").mkdir(parents=True)
+    live = tmp_path / (_sibling_prefix(str(out), "writing") + "x2")
+    live.mkdir()
+    link = tmp_path / (_sibling_prefix(str(out), "writing").replace(
+        f"-{os.getpid()}-", f"-{dead.pid}-") + "x3")
+    link.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep").write_text("x")
+    res.write(out)
+    assert not stale.exists()
+    assert live.is_dir() and link.is_symlink() and (tmp_path / "elsewhere" / "keep").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["res", live.name, link.name, "elsewhere"])
