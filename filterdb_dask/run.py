@@ -375,7 +375,7 @@ def store_info(path: str, storage_options: dict | None = None) -> dict:
 def cmd_info(args) -> int:
     info = store_info(args.store, args.storage_options)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, allow_nan=False))
         return 0
     src = info["source"]
     print(f"store      {info['store']}")
