@@ -15,7 +15,10 @@ This module owns the execution options (:class:`ExecutionOptions`, the same for
 * ``scheduler_file``: as written by ``dask scheduler --scheduler-file`` or dask-mpi;
 * ``cluster='slurm'|'pbs'|'sge'|'lsf'``: dask-jobqueue, site settings from Dask's
   own config (``jobqueue.<name>.*``), ``jobs`` batch jobs; ``dry_run`` gives the
-  job script (:func:`job_script`) and submits nothing.
+  job script (:func:`job_script`) and submits nothing;
+* ``mpi=True``: a cluster inside one MPI job (``mpirun -np N``, ``srun``), with
+  ``dask_mpi.initialize`` semantics: rank 0 runs the scheduler, rank 1 runs the
+  command (the client), ranks 2..N-1 are workers; see :func:`mpi_roles`.
 
 :func:`execution` turns options into an :class:`Execution`; the library's passes
 compute through :meth:`Execution.compute` (progress is only reported, by
@@ -26,9 +29,14 @@ scheduler runs whatever task a client submits. The local cluster therefore uses
 ``distributed.security.Security.temporary()``: a key and self-signed certificate
 made for this run, kept in memory, handed to the worker processes through the
 nanny's process pipe (never a file others can read), and required from every peer
-(mutual TLS); a client without them is refused. ``address``/``scheduler_file``/
-jobqueue clusters use Dask's own security configuration
-(``distributed.comm.tls.*``, ``distributed.comm.require-encryption``).
+(mutual TLS); a client without them is refused. An MPI job does the same: rank 0
+makes the credentials and broadcasts them over MPI (the job's own transport, no
+file), every rank puts them in its in-memory Dask config, and scheduler, workers
+and client speak TLS only with peers holding them (``dask_mpi.initialize`` has no
+``security`` argument; its scheduler, workers and client read Dask's
+``distributed.comm.tls.*`` config, which accepts the PEM text itself).
+``address``/``scheduler_file``/jobqueue clusters use Dask's own security
+configuration (``distributed.comm.tls.*``, ``distributed.comm.require-encryption``).
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ class ExecutionOptions:
     dry_run: bool = False
     wait_timeout: float = 300.0
     connect_timeout: str = "30s"
+    mpi: bool = False
 
 
 @dataclass
@@ -142,14 +151,20 @@ def validate(opts: ExecutionOptions) -> None:
         Two targets at once, a local scheduler with a target, an unknown name,
         ``jobs < 1``, ``dry_run`` without ``cluster``.
     """
-    given = [n for n in ("address", "scheduler_file", "cluster") if getattr(opts, n)]
+    given = [n for n in ("address", "scheduler_file", "cluster", "mpi") if getattr(opts, n)]
     if len(given) > 1:
         raise UsageError(
-            "choose one of `address`, `scheduler_file` and `cluster`, not "
+            "choose one of `address`, `scheduler_file`, `cluster` and `mpi`, not "
             + " and ".join(f"`{g}`" for g in given)
         )
     if opts.scheduler is not None and opts.scheduler not in SCHEDULERS:
         raise UsageError(f"scheduler {opts.scheduler!r} is not one of {SCHEDULERS}")
+    if opts.mpi and opts.scheduler is not None:
+        raise UsageError(f"`scheduler` {opts.scheduler} cannot be combined with `mpi` "
+                         "(MPI rank 0 is the scheduler)")
+    if opts.mpi and opts.workers is not None:
+        raise UsageError("`workers` cannot be combined with `mpi` (the workers are MPI "
+                         "ranks 2..N-1: choose N with mpirun -np or srun -n)")
     if given and opts.scheduler not in (None, "distributed"):
         raise UsageError(f"`scheduler` {opts.scheduler} cannot be combined with `{given[0]}`")
     if opts.cluster and opts.cluster not in JOBQUEUE:
@@ -161,9 +176,12 @@ def validate(opts: ExecutionOptions) -> None:
 
 
 def choose(opts: ExecutionOptions, command: str) -> str:
-    """What runs the work: 'address', 'scheduler-file', 'jobqueue', 'local-cluster',
-    or a dask local scheduler name ('threads', 'processes', 'synchronous')."""
+    """What runs the work: 'address', 'scheduler-file', 'jobqueue', 'mpi',
+    'local-cluster', or a dask local scheduler name ('threads', 'processes',
+    'synchronous')."""
     validate(opts)
+    if opts.mpi:
+        return "mpi"
     if opts.address:
         return "address"
     if opts.scheduler_file:
@@ -242,9 +260,9 @@ def local_cluster(opts: ExecutionOptions, *, security=None):
         )
 
 
-def _dashboard_wanted(opts: ExecutionOptions) -> bool:
+def _dashboard_wanted(opts: ExecutionOptions, key: str = "local-cluster.dashboard") -> bool:
     if opts.dashboard is None:
-        return bool(config.get("local-cluster.dashboard"))
+        return bool(config.get(key))
     return opts.dashboard
 
 
@@ -297,6 +315,136 @@ def _lifetime(walltime: str) -> str:
     return f"{max(60, int(seconds * 0.9) - 300)}s"
 
 
+MPI_MIN_RANKS = 3  # the scheduler, the client and one worker
+
+
+def mpi_world():
+    """``mpi4py``'s ``COMM_WORLD``, checked for an MPI cluster.
+
+    Raises
+    ------
+    ClusterError
+        mpi4py, dask-mpi or the MPI library is missing, or fewer than 3 ranks (not
+        started by ``mpirun``/``srun``).
+    """
+    try:
+        import dask_mpi  # noqa: F401
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as exc:
+        raise ClusterError(
+            f"`mpi` needs mpi4py, dask-mpi and an MPI library ({_first_line(exc)}): "
+            "pip install 'filterdb-dask[hpc]' and an MPI such as Debian's openmpi-bin"
+        ) from exc
+    comm = MPI.COMM_WORLD
+    size = comm.Get_size()
+    if size < MPI_MIN_RANKS:
+        raise ClusterError(
+            f"`mpi` needs at least {MPI_MIN_RANKS} MPI ranks (scheduler, client, one "
+            f"worker), this job has {size}: start it with mpirun -np N or srun -n N, "
+            f"N >= {MPI_MIN_RANKS}"
+        )
+    return comm
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _mpi_threads(comm, opts: ExecutionOptions) -> int:
+    """Threads of this worker rank: ``threads_per_worker``, the config's
+    ``mpi.threads-per-worker``, or (null) the cores the rank is bound to, or, when
+    MPI bound it to nothing narrower than the node, the node's cores shared by the
+    worker ranks on the node. Collective: every rank must call it."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        local_workers = sum(1 for r in node.allgather(comm.Get_rank()) if r >= 2)
+    finally:
+        node.Free()
+    wanted = opts.threads_per_worker or config.get("mpi.threads-per-worker")
+    if wanted:
+        return int(wanted)
+    cpus = _usable_cpus()
+    if cpus < (os.cpu_count() or cpus):  # bound by mpirun/srun to these cores
+        return cpus
+    return max(1, cpus // max(1, local_workers))
+
+
+def _mpi_check_interface(comm, interface: str | None) -> None:
+    """Every rank checks ``interface`` before any of them starts a server, so a
+    missing one is one error on every rank, not a job waiting for a scheduler."""
+    problem = None
+    if interface:
+        from distributed.utils import get_ip_interface
+
+        try:
+            get_ip_interface(interface)
+        except (ValueError, OSError) as exc:
+            problem = f"rank {comm.Get_rank()}: {_first_line(exc)}"
+    problems = [p for p in comm.allgather(problem) if p]
+    if problems:
+        raise ClusterError(f"`mpi`: network interface {interface!r} is not usable "
+                           f"({problems[0]}); set filterdb_dask.mpi.interface")
+
+
+def _tls_config(security) -> dict:
+    """Dask config entries holding ``security``'s credentials (PEM text, in memory)."""
+    conf = {"distributed.comm.require-encryption": True,
+            "distributed.comm.default-scheme": "tls",
+            "distributed.comm.tls.ca-file": security.tls_ca_file}
+    for role in ("scheduler", "worker", "client"):
+        conf[f"distributed.comm.tls.{role}.cert"] = getattr(security, f"tls_{role}_cert")
+        conf[f"distributed.comm.tls.{role}.key"] = getattr(security, f"tls_{role}_key")
+    return conf
+
+
+def mpi_roles(opts: ExecutionOptions, *, verbosity: int = 1):
+    """Start this rank's part of a dask-mpi cluster; return its scheduler address
+    on the client rank (rank 1), once the scheduler is up.
+
+    On every other rank this blocks while the scheduler (rank 0) or worker
+    (ranks 2..N-1) runs, and returns None once the client shut the cluster down;
+    the caller then ends the process (the command runs on rank 1 only).
+    ``dask_mpi.initialize(exit=False)`` does the work, with TLS credentials made on
+    rank 0 for this job and broadcast over MPI; the workers are in-process (no
+    nanny), ``threads_per_worker`` threads each (see :func:`_mpi_threads`).
+    Collective: every rank of ``COMM_WORLD`` must call it.
+    """
+    import logging
+
+    import dask_mpi
+
+    comm = mpi_world()
+    rank = comm.Get_rank()
+    conf = config.get("mpi")
+    interface = conf.get("interface") or None
+    _mpi_check_interface(comm, interface)
+    threads = _mpi_threads(comm, opts)
+    security = temporary_security() if rank == 0 else None
+    security = comm.bcast(security, root=0)
+    dashboard = _dashboard_wanted(opts, "mpi.dashboard")
+    settings = _tls_config(security)
+    if not dashboard:
+        settings.update({"distributed.scheduler.http.routes": [],
+                         "distributed.worker.http.routes": []})
+    if rank != 1 and verbosity < 2:
+        # the scheduler and workers say only what is fatal (as the local cluster's
+        # workers do); a task's error reaches the client, which reports it
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    with dask.config.set(settings):
+        is_client = dask_mpi.initialize(
+            interface=interface, nthreads=threads,
+            memory_limit=opts.memory_limit or conf.get("memory-limit") or "auto",
+            dashboard=dashboard,
+            dashboard_address="127.0.0.1:0", protocol="tls", exit=False, comm=comm)
+    if not is_client:
+        return None
+    dask.config.set(settings)  # the client keeps the credentials for this process
+    return dask.config.get("scheduler_address")
+
+
 @contextlib.contextmanager
 def execution(opts: ExecutionOptions | None = None, *, command: str = "analyze",
               verbosity: int = 1):
@@ -322,8 +470,29 @@ def execution(opts: ExecutionOptions | None = None, *, command: str = "analyze",
     from distributed import Client
 
     cluster = client = None
+    mpi_address = None
     try:
-        if kind == "address":
+        if kind == "mpi":
+            mpi_address = mpi_roles(opts, verbosity=verbosity)
+            if mpi_address is None:
+                # scheduler or worker rank: the cluster has been shut down by the
+                # client (rank 1), which alone runs the command
+                raise SystemExit(0)
+            n_workers = mpi_world().Get_size() - 2
+            client = Client(mpi_address, timeout=opts.connect_timeout)
+            try:
+                client.wait_for_workers(n_workers, timeout=opts.wait_timeout)
+            except TimeoutError as exc:
+                raise ClusterError(
+                    f"`mpi`: only {len(client.scheduler_info()['workers'])} of {n_workers} "
+                    f"worker rank(s) joined within {opts.wait_timeout:.0f}s"
+                ) from exc
+            threads = sorted({w["nthreads"] for w in
+                              client.scheduler_info()["workers"].values()})
+            what = (f"dask-mpi (TLS), {n_workers} worker rank(s) x "
+                    f"{'/'.join(map(str, threads))} thread(s)")
+            _say(f"dask-mpi: scheduler {mpi_address}, {n_workers} worker rank(s)", verbosity)
+        elif kind == "address":
             try:
                 client = Client(opts.address, timeout=opts.connect_timeout)
             except (OSError, TimeoutError, TypeError) as exc:
@@ -359,12 +528,34 @@ def execution(opts: ExecutionOptions | None = None, *, command: str = "analyze",
             client = Client(cluster)
             what = (f"local distributed cluster (TLS), {len(cluster.workers)} worker "
                     "process(es)")
-        if client.dashboard_link and (kind != "local-cluster" or _dashboard_wanted(opts)):
+        started_here = {"local-cluster": "local-cluster.dashboard", "mpi": "mpi.dashboard"}
+        if client.dashboard_link and (kind not in started_here
+                                      or _dashboard_wanted(opts, started_here[kind])):
             _say(f"dask dashboard: {client.dashboard_link}", verbosity)
         with client.as_current():
             yield Execution(what, client=client, verbosity=verbosity)
     finally:
-        if client is not None:
+        if mpi_address is not None:
+            _mpi_shutdown(client, mpi_address)
+        elif client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _mpi_shutdown(client, address: str) -> None:
+    """End the MPI job's scheduler and workers (their ranks then exit), also when
+    the client never connected (``dask_mpi.send_close_signal`` with a timeout)."""
+    from distributed import Client
+
+    try:
+        if client is None or client.status != "running":
+            if client is not None:
+                client.close()
+            client = Client(address, timeout="10s")
+        client.shutdown()
+    except (OSError, TimeoutError):
+        pass  # the scheduler is gone already: mpirun ends the job when rank 0 exits
+    finally:
+        if client is not None:
+            client.close()

@@ -103,6 +103,11 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", choices=sorted(JOBQUEUE),
                    help="start workers as batch jobs with dask-jobqueue (site settings from "
                         "Dask config jobqueue.<name>.*)")
+    g.add_argument("--mpi", action="store_true", default=False,
+                   help="run inside an MPI job (mpirun -np N / srun -n N, N >= 3) with "
+                        "dask-mpi: rank 0 the scheduler, rank 1 this command, the rest "
+                        "workers; TLS with credentials made for the job (needs the hpc "
+                        "extra)")
     g.add_argument("--jobs", type=_positive_int, default=1, help="batch jobs (--cluster)")
     g.add_argument("--cores", type=_positive_int, help="cores per job (--cluster)")
     g.add_argument("--memory", help="memory per job, e.g. 8GB (--cluster)")
@@ -113,11 +118,11 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=_positive_int,
                    help="local cluster: worker processes (default: one per core)")
     g.add_argument("--memory-limit",
-                   help="local cluster: memory per worker, e.g. 2GB (default: LocalCluster's "
-                        "'auto', system memory / workers)")
+                   help="local cluster or --mpi: memory per worker, e.g. 2GB (default: "
+                        "dask's 'auto', system memory / workers)")
     g.add_argument("--dashboard", action="store_true", default=None,
-                   help="local cluster: serve the dask dashboard on 127.0.0.1 (off by "
-                        "default: any local user could view it)")
+                   help="local cluster or --mpi: serve the dask dashboard on 127.0.0.1 "
+                        "(off by default: any local user could view it)")
 
 
 def _execution_options(args):
@@ -128,6 +133,7 @@ def _execution_options(args):
         cluster=args.cluster, jobs=args.jobs, cores=args.cores, memory=args.memory,
         walltime=args.walltime, queue=args.queue, dry_run=args.dry_run,
         workers=args.workers, memory_limit=args.memory_limit, dashboard=args.dashboard,
+        mpi=args.mpi,
     )
 
 
@@ -538,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
     flags = _flag_names(parser, args.command)
     try:
+        if hasattr(args, "mpi"):  # contradicting execution options: before any I/O
+            from .cluster import validate
+
+            validate(_execution_options(args))
         if getattr(args, "dry_run", False):
             return _dry_run(args)
         return COMMANDS[args.command](args)
