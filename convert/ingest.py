@@ -228,6 +228,7 @@ def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tup
             "op_set": info.op_set if info.op_set is not None else np.nan,
             "depth": info.depth,
             "layer": lay.node,
+            **lay.shape_fields(),
             "model_sha256": info.sha256,
             "total_filters": info.total_filters,
             "3x3_filter_share": n3 / info.total_filters if info.total_filters else np.nan,

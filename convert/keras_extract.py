@@ -327,8 +327,10 @@ def read_keras(path: str, *, name: str | None = None) -> ModelInfo:
     layers = []
     for i, (where, kind, k) in enumerate(kernels):
         w = _to_filters(k, kind)
+        # a depthwise kernel (kh, kw, in, mult) is a conv with one group per input channel
         layers.append(ConvLayer(node=where, op="Conv", conv_depth=i,
-                                kernel=(int(w.shape[2]), int(w.shape[3])), weights=w))
+                                kernel=(int(w.shape[2]), int(w.shape[3])), weights=w,
+                                groups=int(k.shape[2]) if kind == "depthwise" else None))
     stem = os.path.basename(path)
     for ext in (".weights.h5", ".h5", ".hdf5", ".keras"):
         if stem.endswith(ext):

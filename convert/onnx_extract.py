@@ -45,10 +45,24 @@ class ConvLayer:
     conv_depth: int
     kernel: tuple[int, int]
     weights: np.ndarray  # (out, in_per_group, kh, kw) float64
+    #: the convolution's groups where the file says (ONNX ``group``, a Keras depthwise
+    #: layer); None where only the weight is stored (state dicts, Keras ``Conv2D``)
+    groups: int | None = None
 
     @property
     def n_filters(self) -> int:
         return int(self.weights.shape[0] * self.weights.shape[1])
+
+    def shape_fields(self) -> dict:
+        """The meta columns of the weight shape (docs/method.md §7): ``out_channels``,
+        ``in_channels`` (``in_per_group * groups``; NaN when groups are unknown),
+        ``groups`` (NaN when unknown) and ``kernel`` (kh of the kh x kw kernel)."""
+        out, in_g = int(self.weights.shape[0]), int(self.weights.shape[1])
+        g = self.groups
+        return {"out_channels": out,
+                "in_channels": in_g * g if g is not None else np.nan,
+                "groups": g if g is not None else np.nan,
+                "kernel": int(self.weights.shape[2])}
 
 
 @dataclass
@@ -455,8 +469,11 @@ def read_onnx(path: str, *, name: str | None = None) -> ModelInfo:
             raise InputError(f"{path!r}: its conv layers would hold more than {SHARE_LIMIT}x "
                              f"the {stored:,} numbers the file stores (one weight shared by "
                              "many conv nodes?); refusing")
+        group = res._attr(n, "group", 1)
         layers.append(ConvLayer(node=n.name or n.output[0], op=n.op_type, conv_depth=below[i],
-                                kernel=(int(w.shape[2]), int(w.shape[3])), weights=w))
+                                kernel=(int(w.shape[2]), int(w.shape[3])), weights=w,
+                                groups=int(group) if isinstance(group, int) and group >= 1
+                                else None))
     opset = None
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):

@@ -30,6 +30,7 @@ from .histograms import (
 from .kl import kl_matrix
 from .pca import layer_stats, pca_from_stats, validate_pca
 from .quality import normalize_sparsity_eps, sparsity_sweep
+from .quality import orthogonality as layer_orthogonality
 from .resultset import Results
 
 __all__ = ["MAX_RIDGE_GROUPS", "Results", "analyze", "default_subsets"]
@@ -132,6 +133,7 @@ def analyze(
     verbosity: int | None = None,
     execution: cluster.Execution | None = None,
     sparsity_eps=None,
+    orthogonality: bool | None = None,
 ) -> Results:
     """Run the analysis of docs/method.md on a store, in three passes.
 
@@ -155,6 +157,9 @@ def analyze(
     sparsity_eps : thresholds ε in (0, 1] swept in pass 1 (``quality.csv`` gains
         ``sparsity@ε`` and clean variance entropy per ε); default the configured
         ``analysis.sparsity-eps`` (none).
+    orthogonality : compute each layer's orthogonality in pass 1 where the meta
+        table gives its ``out_channels``; default the configured
+        ``analysis.orthogonality`` (True). False: the column is NaN.
 
     Returns
     -------
@@ -164,7 +169,8 @@ def analyze(
     ------
     AnalysisError
         Unknown grouping column, bad bins, an empty or unknown subset, two models
-        sharing one ``model_id``, or too few filters.
+        sharing one ``model_id``, an ``out_channels`` column that does not fit the
+        stored layers, or too few filters.
     """
     from .engines import resolve_engine
     from .histograms import _validate_bins
@@ -194,9 +200,16 @@ def analyze(
     pass1 = [layer_stats(store, engine=engine)]
     if sparsity_eps:  # same chunks, same compute: no further read of the filters
         pass1.append(sparsity_sweep(store, sparsity_eps, engine=engine))
-    stats_sorted, *sweep_sorted = ex.compute(*pass1, label="pass 1/3 moments+quality")
+    if orthogonality is None:
+        orthogonality = config.get("analysis.orthogonality")
+    # None: switched off, or the store records no weight shapes
+    ortho_lazy = layer_orthogonality(store) if orthogonality else None
+    if ortho_lazy is not None:
+        pass1.append(ortho_lazy)
+    stats_sorted, *rest = ex.compute(*pass1, label="pass 1/3 moments+quality")
     stats = store.to_meta_order(stats_sorted)
-    sweep = store.to_meta_order(sweep_sorted[0]) if sweep_sorted else None
+    sweep = store.to_meta_order(rest.pop(0)) if sparsity_eps else None
+    ortho = store.to_meta_order(rest.pop(0)) if ortho_lazy is not None else None
     pca = pca_from_stats(stats)
     validate_pca(pca)
     subset_pcas = {name: pca_from_stats(stats, mask) for name, mask in subset_masks.items()}
@@ -239,11 +252,12 @@ def analyze(
         fine_edges=fine_edges,
         fine_hist=fine_hist,
         sweep=None if sweep is None else np.asarray(sweep, dtype=np.float64),
+        orthogonality=None if ortho is None else np.asarray(ortho, dtype=np.float64),
         subsets=subset_pcas,
         settings={
             "bins": bins, "by": [g.name for g in groupings], "fine_bins": fine_bins,
             "engine": engine, "store": getattr(store, "path", None),
-            "sparsity_eps": list(sparsity_eps),
+            "sparsity_eps": list(sparsity_eps), "orthogonality": ortho is not None,
             "n_chunks": store.n_chunks, "n_layers": len(meta),
         },
     )

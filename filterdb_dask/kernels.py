@@ -57,6 +57,8 @@ __all__ = [
     "histogram_percentiles",
     "binned_kde",
     "ridge_densities",
+    "orthogonality_rows",
+    "orthogonality_chunk",
 ]
 
 #: float32 machine epsilon, the value an empty bin gets before normalising (docs/method.md §5)
@@ -904,3 +906,90 @@ def sparsity_sweep_finalize(n: np.ndarray, sweep: np.ndarray) -> dict[str, np.nd
         "variance_entropy_clean": vec,
         "variance_entropy_clean_norm": vec / entropy_norm(n_clean),
     }
+
+
+# --------------------------------------------------------------------- orthogonality
+#: Gram entries computed at once by :func:`orthogonality_rows` (bounds its memory)
+ORTHO_BLOCK_ENTRIES = 1 << 16
+
+
+def orthogonality_rows(w: np.ndarray) -> float:
+    """Orthogonality of the rows of one layer's weight matrix (docs/method.md §7).
+
+    Each row is divided by its L2 norm (an all-zero row stays zero); with ``Ĝ`` the
+    Gram matrix of the normalised rows, the result is
+    ``1 - Σ_{i≠j} |Ĝ_ij| / (c (c - 1))``: 1 for mutually orthogonal rows, 0 for
+    identical (or sign-flipped) rows, NaN for fewer than two rows.
+
+    Every sum runs in a fixed order that depends only on the layer's shape, never on
+    BLAS, threads or memory layout: a norm adds the squares column by column; a Gram
+    entry adds its products ``ŵ_ik ŵ_jk`` for k = 0, 1, ... from 0.0; the ``|Ĝ_ij|``,
+    i < j, are summed per block of rows (numpy's pairwise sum of a fixed-shape
+    array), the blocks in row order. So a layer gives the same bits in any chunking.
+    Memory: the layer plus two blocks of ``ORTHO_BLOCK_ENTRIES`` Gram entries, any c.
+
+    Parameters
+    ----------
+    w : (c, m) array
+        One row per output channel (``c_in / groups · k²`` weights each).
+
+    Returns
+    -------
+    float
+    """
+    w = np.asarray(w, dtype=np.float64)
+    c, m = w.shape
+    if c < 2:
+        return float("nan")
+    wt = np.ascontiguousarray(w.T)  # (m, c): column k of W is one contiguous row
+    sq = np.zeros(c)
+    for k in range(m):
+        sq += wt[k] * wt[k]
+    norm = np.sqrt(sq)
+    np.divide(wt, norm, out=wt, where=norm > 0)
+    wt[:, norm == 0] = 0.0
+    step = max(1, min(c, ORTHO_BLOCK_ENTRIES // c))
+    total = 0.0
+    for i0 in range(0, c, step):
+        i1 = min(c, i0 + step)
+        g = np.zeros((i1 - i0, c - i0))  # rows i0:i1, columns i0:c (upper part)
+        tmp = np.empty_like(g)
+        for k in range(m):
+            np.multiply.outer(wt[k, i0:i1], wt[k, i0:], out=tmp)
+            g += tmp
+        np.abs(g, out=g)
+        total += float(np.triu(g, 1).sum())  # j > i only
+    return 1.0 - 2.0 * total / (c * (c - 1))
+
+
+def orthogonality_chunk(x: np.ndarray, bounds: np.ndarray, out_channels: np.ndarray) -> np.ndarray:
+    """Per-layer orthogonality of one chunk's layers (docs/method.md §7).
+
+    A layer's filters are stored out-channel-major (ingest writes the weight
+    ``(c_out, c_in/groups, k, k)`` as ``reshape(-1, k²)``), so its ``c`` rows of W
+    are its filters ``x[a:b]`` reshaped to ``(c, (b - a) / c · k²)``.
+
+    Parameters
+    ----------
+    x : (n, k²) array
+        The chunk's filters, unscaled (orthogonality is of the raw weights).
+    bounds : (L, 2) int array
+        ``[start, stop)`` rows of each layer within the chunk.
+    out_channels : (L,) float
+        ``c_out`` of each layer, NaN where unknown; a known value divides the
+        layer's filter count (the caller checks).
+
+    Returns
+    -------
+    (L,) float64: NaN for an unknown shape or ``c_out < 2``.
+    """
+    bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+    out_channels = np.asarray(out_channels, dtype=np.float64).reshape(-1)
+    out = np.full(len(bounds), np.nan)
+    for i, (a, b) in enumerate(bounds):
+        c = out_channels[i]
+        if not np.isfinite(c) or c < 2 or b <= a:
+            continue
+        c = int(c)
+        out[i] = orthogonality_rows(np.asarray(x[a:b]).reshape(c, -1))
+    return out

@@ -20,8 +20,10 @@ from .errors import AnalysisError
 QUALITY_COLUMNS = (
     "model_id", "conv_depth", "conv_depth_norm", "model", "n", "sparsity",
     "variance_entropy", "variance_entropy_norm", "variance_entropy_clean",
-    "variance_entropy_clean_norm",
+    "variance_entropy_clean_norm", "orthogonality",
 )
+#: the meta column that gives a layer's weight shape to orthogonality (ingest writes it)
+OUT_CHANNELS = "out_channels"
 #: defaults for calling a layer degenerated
 SPARSITY_THRESHOLD = 0.5
 ENTROPY_NORM_THRESHOLD = 0.5
@@ -94,11 +96,75 @@ def sparsity_sweep(store, sparsity_eps: Sequence[float], *, engine: str = "auto"
     return out
 
 
+def layer_out_channels(meta: pd.DataFrame) -> np.ndarray | None:
+    """``c_out`` of every layer (float, NaN where unknown) from the meta column
+    ``out_channels``, or None when the meta table has no such column.
+
+    Raises
+    ------
+    AnalysisError
+        A value that is not a number, not a positive integer, or does not divide
+        the layer's filter count (the column does not describe the stored weights).
+    """
+    if OUT_CHANNELS not in meta.columns:
+        return None
+    raw = meta[OUT_CHANNELS]
+    c = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    n = (meta["stop"] - meta["start"]).to_numpy(dtype=np.float64)
+    known = ~np.isnan(c)
+    with np.errstate(invalid="ignore"):
+        bad = (raw.notna().to_numpy() & ~known) | (known & ~(
+            np.isfinite(c) & (c >= 1) & (c == np.floor(c)) & (np.fmod(n, c) == 0)))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        v = raw.iloc[i]
+        v = v.item() if isinstance(v, np.generic) else v
+        raise AnalysisError(
+            f"meta row {i}: {OUT_CHANNELS} {str(v)[:40]!r} is not a positive whole number "
+            f"dividing the layer's {int(n[i])} filters ({int(bad.sum())} such rows); the "
+            "column must give each layer's weight shape as ingest writes it, or be removed"
+        )
+    return c
+
+
+def _ortho_task(x, bounds, c_out):
+    return (kernels.orthogonality_chunk(x, bounds, c_out),)
+
+
+def orthogonality(store):
+    """Lazy per-layer orthogonality of the raw weights (pass 1; docs/method.md §7),
+    or None when the store records no weight shapes (``out_channels``).
+
+    Returns
+    -------
+    dask array (n_layers,) float64, rows in chunk order (``store.to_meta_order``),
+    NaN for layers of unknown shape or with fewer than two output channels; or None.
+
+    Raises
+    ------
+    AnalysisError
+        As :func:`layer_out_channels`.
+    """
+    c_out = layer_out_channels(store.meta)
+    if c_out is None or not (c_out >= 2).any():
+        return None
+    bounds = store.chunk_bounds()
+    (out,) = map_chunks(
+        _ortho_task,
+        store.filters,
+        [(b, c) for b, c in zip(bounds, store.per_chunk(c_out), strict=True)],
+        outputs=[([len(b) for b in bounds], (), np.float64)],
+        name="orthogonality",
+    )
+    return out
+
+
 def quality_table(
     meta: pd.DataFrame,
     stats: np.ndarray,
     sweep: np.ndarray | None = None,
     sparsity_eps: Sequence[float] = (),
+    orthogonality: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per meta row (meta order) with the quality columns.
 
@@ -109,8 +175,12 @@ def quality_table(
     sweep : (n_meta_rows, 2E) :func:`sparsity_sweep` in meta order, or None.
     sparsity_eps : the E thresholds of ``sweep``; each adds the columns
         ``sparsity@ε``, ``variance_entropy_clean@ε``, ``variance_entropy_clean_norm@ε``.
+    orthogonality : (n_meta_rows,) :func:`orthogonality` in meta order, or None
+        (the column is NaN).
     """
     q = kernels.quality_finalize(stats)
+    q["orthogonality"] = (np.full(len(meta), np.nan) if orthogonality is None
+                          else np.asarray(orthogonality, dtype=np.float64))
     df = pd.DataFrame({
         "model_id": meta["model_id"].to_numpy(),
         "conv_depth": meta["conv_depth"].to_numpy(),
@@ -159,6 +229,7 @@ def model_summary(quality: pd.DataFrame, degenerated: pd.DataFrame) -> pd.DataFr
         "filters": g["n"].sum(),
         "mean_sparsity": g["sparsity"].mean(),
         "mean_variance_entropy_norm": g["variance_entropy_norm"].mean(),
+        "mean_orthogonality": g["orthogonality"].mean(),
     })
     deg = degenerated.groupby("model_id").size()
     df["degenerated_layers"] = deg.reindex(df.index, fill_value=0).astype(np.int64)

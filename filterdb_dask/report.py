@@ -402,6 +402,22 @@ def fig_quality(q: pd.DataFrame):
     return fig
 
 
+def fig_orthogonality(q: pd.DataFrame):
+    """Orthogonality of each layer of known shape against its normalised depth."""
+    plt = _plt()
+    known = q[q["orthogonality"].notna()]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    sc = ax.scatter(known["conv_depth_norm"], known["orthogonality"],
+                    c=np.log10(known["n"].clip(1)), s=8, alpha=0.7, cmap="viridis")
+    ax.set_xlabel("normalised conv depth")
+    ax.set_ylabel("orthogonality")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"orthogonality of {len(known):,} layers of known shape")
+    fig.colorbar(sc, ax=ax, label="log10 filters in layer")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 # ---------------------------------------------------------------------- report
 def _table(df: pd.DataFrame, n: int = 20) -> str:
     return df.head(n).to_html(index=False, float_format=lambda v: f"{v:.4g}",
@@ -561,3 +577,11 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
     _save(fig_quality(quality), plots, "quality", plots_dir)
     captions["quality"] = ("Variance entropy (normalised) vs sparsity, per layer; dashed: "
                            "1. " + entropy_note())
+    if quality["orthogonality"].notna().any():
+        _save(fig_orthogonality(quality), plots, "orthogonality", plots_dir)
+        n_nan = int(quality["orthogonality"].isna().sum())
+        captions["orthogonality"] = (
+            "Orthogonality of the raw weights (1 − mean |cosine| between a layer's output "
+            "channels; docs/method.md §7) against normalised depth, one dot per layer; "
+            f"{n_nan:,} layers without a recorded weight shape or with one output channel "
+            "are not drawn.")

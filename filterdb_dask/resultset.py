@@ -86,6 +86,8 @@ class Results:
     settings: dict = field(default_factory=dict)
     #: (n_layers, 2E) pass-1 sparsity sweep for ``settings["sparsity_eps"]``, or None
     sweep: np.ndarray | None = None
+    #: (n_layers,) pass-1 orthogonality of the raw weights, or None (no shapes recorded)
+    orthogonality: np.ndarray | None = None
 
     @property
     def bins(self) -> int:
@@ -96,7 +98,8 @@ class Results:
     def quality(self) -> pd.DataFrame:
         """Layer quality, one row per meta row (docs/method.md §7)."""
         return quality_table(self.meta, self.layer_stats, self.sweep,
-                             self.settings.get("sparsity_eps") or ())
+                             self.settings.get("sparsity_eps") or (),
+                             orthogonality=self.orthogonality)
 
     # ---------------------------------------------------------------- derived
     def grouping(self, by: str) -> Grouping:
@@ -171,6 +174,8 @@ class Results:
             "layer_stats": (("layer", "stat"), self.layer_stats),
             **({} if self.sweep is None else
                {"layer_sweep": (("layer", "sweep_stat"), self.sweep)}),
+            **({} if self.orthogonality is None else
+               {"layer_orthogonality": (("layer",), self.orthogonality)}),
             "layer_hist": (("layer", "component", "bin"), self.layer_hist),
             "density_counts": (("density_c0", "density_c1"), self.density),
             "density": (("density_c0", "density_c1"),
@@ -275,6 +280,8 @@ class Results:
             layer_stats=ds["layer_stats"].values.astype(np.float64),
             sweep=(ds["layer_sweep"].values.astype(np.float64)
                    if "layer_sweep" in ds else None),
+            orthogonality=(ds["layer_orthogonality"].values.astype(np.float64)
+                           if "layer_orthogonality" in ds else None),
             layer_hist=ds["layer_hist"].values,
             groupings=groupings,
             group_hist=group_hist,

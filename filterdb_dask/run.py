@@ -259,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsity thresholds swept in pass 1, e.g. 0.001,0.005,0.01,0.05,0.1 "
                         "(quality.csv gains sparsity@E and clean variance entropy per E; "
                         "default: the config's analysis.sparsity-eps, none)")
+    a.add_argument("--no-orthogonality", dest="orthogonality", action="store_false",
+                   default=None,
+                   help="skip the per-layer orthogonality of pass 1 (computed where ingest "
+                        "recorded weight shapes; costs O(c_out²) per filter row; default: "
+                        "the config's analysis.orthogonality, on)")
     a.add_argument("--no-report", action="store_true", help="skip the HTML report")
     _add_storage_options(a)
     _add_execution_options(a)
@@ -416,7 +421,8 @@ def cmd_analyze(args) -> int:
     with _ignoring_sigint_at_start(_execution(args)) as ex:
         res = analyze(store, by=args.by, bins=args.bins,
                       subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
-                      execution=ex, sparsity_eps=args.sparsity_eps)
+                      execution=ex, sparsity_eps=args.sparsity_eps,
+                      orthogonality=args.orthogonality)
     res.settings.update({"scheduler": ex.description})
     paths = res.write(args.out, report=not args.no_report, verbosity=_verbosity(args))
     print(f"results: {os.path.abspath(args.out)}")

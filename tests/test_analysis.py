@@ -220,7 +220,9 @@ def test_written_results_follow_the_contract(synth_store, tmp_path):
     q = pd.read_csv(out / "quality.csv")
     assert list(q.columns) == ["model_id", "conv_depth", "conv_depth_norm", "model", "n",
                                "sparsity", "variance_entropy", "variance_entropy_norm",
-                               "variance_entropy_clean", "variance_entropy_clean_norm"]
+                               "variance_entropy_clean", "variance_entropy_clean_norm",
+                               "orthogonality"]
+    assert q["orthogonality"].isna().all()  # the synthetic DB records no weight shapes
     ds = xr.open_zarr(out / "results.zarr", consolidated=False)
     np.testing.assert_array_equal(ds["layer_hist"].values, res.layer_hist)
     np.testing.assert_allclose(ds["kl_task"].values, res.kl["task"].to_numpy())
@@ -239,7 +241,7 @@ def test_sparsity_sweep_in_pass_one(synth_store, tmp_path):
                  "--sparsity-eps", "0.001,0.005,0.01,0.05,0.1"]) == 0
     q = pd.read_csv(os.path.join(out, "quality.csv"))
     eps = ["0.001", "0.005", "0.01", "0.05", "0.1"]
-    assert list(q.columns[10:]) == (
+    assert list(q.columns[11:]) == (
         [f"sparsity@{e}" for e in eps] + [f"variance_entropy_clean@{e}" for e in eps]
         + [f"variance_entropy_clean_norm@{e}" for e in eps])
     np.testing.assert_array_equal(q["sparsity@0.01"], q["sparsity"])  # bit for bit
@@ -261,7 +263,7 @@ def test_sparsity_sweep_in_pass_one(synth_store, tmp_path):
     assert json.loads(ds.attrs["settings"])["sparsity_eps"] == [0.001, 0.005, 0.01, 0.05, 0.1]
     # the package default (configurable) is no sweep; a configured one applies
     plain = analyze(synth_store, by=["Task"], verbosity=0).quality
-    assert list(plain.columns) == list(q.columns[:10])
+    assert list(plain.columns) == list(q.columns[:11])
     with dask.config.set({"filterdb_dask.analysis.sparsity-eps": [0.2]}):
         got = analyze(synth_store, by=["Task"], verbosity=0).quality
     assert "sparsity@0.2" in got.columns and "sparsity@0.01" not in got.columns
