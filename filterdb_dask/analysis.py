@@ -28,8 +28,9 @@ from .histograms import (
     layer_histograms,
 )
 from .kl import kl_matrix
+from .pairs import read_pairs, validate_correlate
 from .pca import layer_stats, pca_from_stats, validate_pca
-from .quality import normalize_sparsity_eps, sparsity_sweep
+from .quality import normalize_entropy_cutoffs, normalize_sparsity_eps, sparsity_sweep
 from .quality import orthogonality as layer_orthogonality
 from .resultset import Results
 
@@ -134,6 +135,9 @@ def analyze(
     execution: cluster.Execution | None = None,
     sparsity_eps=None,
     orthogonality: bool | None = None,
+    pairs=None,
+    correlate: str | None = None,
+    entropy_cutoffs=None,
 ) -> Results:
     """Run the analysis of docs/method.md on a store, in three passes.
 
@@ -160,6 +164,14 @@ def analyze(
     orthogonality : compute each layer's orthogonality in pass 1 where the meta
         table gives its ``out_channels``; default the configured
         ``analysis.orthogonality`` (True). False: the column is NaN.
+    entropy_cutoffs : normalised-entropy cutoffs: the report shows the share of
+        degenerated layers per depth decile at each (beside each ε); no pass
+        needed. Default the configured ``analysis.entropy-cutoffs`` (none).
+    pairs : a pairs file (CSV, two columns of model names) or a sequence of
+        ``(name, name)``: the paired comparison per depth bin
+        (:mod:`filterdb_dask.pairs`); checked before the first pass.
+    correlate : a numeric meta column (one value per model): Spearman's ρ of each
+        paired model's per-bin metric with it. Needs ``pairs``.
 
     Returns
     -------
@@ -170,7 +182,7 @@ def analyze(
     AnalysisError
         Unknown grouping column, bad bins, an empty or unknown subset, two models
         sharing one ``model_id``, an ``out_channels`` column that does not fit the
-        stored layers, or too few filters.
+        stored layers, a bad pairs file or correlate column, or too few filters.
     """
     from .engines import resolve_engine
     from .histograms import _validate_bins
@@ -190,9 +202,17 @@ def analyze(
     if sparsity_eps is None:
         sparsity_eps = config.get("analysis.sparsity-eps")
     sparsity_eps = normalize_sparsity_eps(sparsity_eps)
+    if entropy_cutoffs is None:
+        entropy_cutoffs = config.get("analysis.entropy-cutoffs")
+    entropy_cutoffs = normalize_entropy_cutoffs(entropy_cutoffs)
     meta = store.meta
     validate_models(meta)
     groupings = make_groupings(meta, by)
+    pairs_spec = None if pairs is None else read_pairs(pairs, meta)
+    if correlate is not None:
+        if pairs_spec is None:
+            raise AnalysisError("`correlate` needs `pairs` (the models to correlate)")
+        validate_correlate(meta, correlate)
     subset_masks = _normalize_subsets(
         meta, default_subsets(meta) if subsets is None else subsets
     )
@@ -259,5 +279,7 @@ def analyze(
             "engine": engine, "store": getattr(store, "path", None),
             "sparsity_eps": list(sparsity_eps), "orthogonality": ortho is not None,
             "n_chunks": store.n_chunks, "n_layers": len(meta),
+            "pairs": pairs_spec, "correlate": correlate,
+            "entropy_cutoffs": list(entropy_cutoffs),
         },
     )

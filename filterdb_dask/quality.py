@@ -199,6 +199,75 @@ def quality_table(
     return df
 
 
+def normalize_entropy_cutoffs(cutoffs) -> tuple[float, ...]:
+    """``"0.3,0.5"`` or a sequence of numbers -> a tuple of distinct finite floats.
+
+    Raises
+    ------
+    AnalysisError
+        A value that is not a finite number, or given twice.
+    """
+    if cutoffs is None:
+        return ()
+    if isinstance(cutoffs, str):
+        cutoffs = [v for v in (p.strip() for p in cutoffs.split(",")) if v]
+    out: list[float] = []
+    for v in cutoffs:
+        try:
+            c = float(v)
+        except (TypeError, ValueError):
+            raise AnalysisError(
+                f"entropy cutoff {str(v)[:40]!r} is not a number; give e.g. 0.3,0.5,0.7"
+            ) from None
+        if not np.isfinite(c):
+            raise AnalysisError(f"entropy cutoff {c!r} must be a finite number")
+        if c in out:
+            raise AnalysisError(f"entropy cutoff {c!r} is given twice")
+        out.append(c)
+    return tuple(out)
+
+
+def degenerated_sweep(
+    quality: pd.DataFrame,
+    sparsity_eps: Sequence[float] = (),
+    entropy_cutoffs: Sequence[float] = (),
+    *,
+    sparsity: float = SPARSITY_THRESHOLD,
+    entropy_norm: float = ENTROPY_NORM_THRESHOLD,
+) -> pd.DataFrame:
+    """Share of degenerated layers per depth decile as the thresholds move.
+
+    For each ε of the sweep a layer is degenerated when ``sparsity@ε >= sparsity``
+    or ``variance_entropy_norm <= entropy_norm``; for each entropy cutoff ``h`` when
+    ``sparsity >= sparsity`` (ε = 0.01) or ``variance_entropy_norm <= h``. So ε =
+    0.01 and ``h = entropy_norm`` give the share :func:`degenerated_layers` gives.
+
+    Returns
+    -------
+    DataFrame with columns ``decile`` (labels of the depth deciles that hold
+    layers), ``threshold`` (``sparsity@ε`` or ``variance_entropy_norm<=h``),
+    ``layers`` and ``share``, deciles in depth order within each threshold.
+    """
+    from .groups import DECILE_LABELS, depth_decile_codes
+
+    codes = depth_decile_codes(quality["conv_depth_norm"].to_numpy())
+    ent = quality["variance_entropy_norm"].to_numpy(dtype=np.float64)
+    sp = quality["sparsity"].to_numpy(dtype=np.float64)
+    cases = [(f"sparsity@{eps_label(e)}",
+              (quality[f"sparsity@{eps_label(e)}"].to_numpy(dtype=np.float64) >= sparsity)
+              | (ent <= entropy_norm)) for e in normalize_sparsity_eps(sparsity_eps)]
+    cases += [(f"variance_entropy_norm<={eps_label(h)}", (sp >= sparsity) | (ent <= h))
+              for h in normalize_entropy_cutoffs(entropy_cutoffs)]
+    rows = []
+    present = [k for k in range(len(DECILE_LABELS)) if (codes == k).any()]
+    for name, deg in cases:
+        for k in present:
+            inside = codes == k
+            rows.append({"decile": DECILE_LABELS[k], "threshold": name,
+                         "layers": int(inside.sum()), "share": float(deg[inside].mean())})
+    return pd.DataFrame(rows, columns=["decile", "threshold", "layers", "share"])
+
+
 def degenerated_layers(
     quality: pd.DataFrame,
     *,

@@ -418,6 +418,86 @@ def fig_orthogonality(q: pd.DataFrame):
     return fig
 
 
+def fig_degenerated_sweep(sweep: pd.DataFrame):
+    """Share of degenerated layers per depth decile: a line per ε (left) and per
+    entropy cutoff (right)."""
+    from .groups import DECILE_LABELS
+
+    plt = _plt()
+    kinds = [("sparsity@", "sparsity threshold ε (entropy cutoff 0.5)"),
+             ("variance_entropy_norm<=", "entropy cutoff h (ε = 0.01)")]
+    kinds = [(p, t) for p, t in kinds if sweep["threshold"].str.startswith(p).any()]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.0 * len(kinds), 3.8),
+                             layout="constrained", squeeze=False)
+    pos = {b: i for i, b in enumerate(DECILE_LABELS)}
+    for ax, (prefix, title) in zip(axes[0], kinds, strict=True):
+        names = list(dict.fromkeys(sweep.loc[sweep["threshold"].str.startswith(prefix),
+                                             "threshold"]))
+        cmap = plt.get_cmap("viridis")
+        for j, name in enumerate(names):
+            s = sweep[sweep["threshold"] == name]
+            ax.plot(s["decile"].map(pos), s["share"], marker="o", ms=3,
+                    color=cmap(j / max(len(names) - 1, 1)),
+                    label=name[len(prefix):])
+        ax.set_xticks(range(len(DECILE_LABELS)), DECILE_LABELS, rotation=60, fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("share of degenerated layers")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, title=prefix.rstrip("@<="), title_fontsize=7)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def fig_pairs(table: pd.DataFrame, sides: list[str]):
+    """Paired differences per depth bin: one panel per metric, a dot per pair, the
+    mean over pairs as a line."""
+    from .pairs import PAIR_BINS, PAIR_METRICS
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(PAIR_METRICS), figsize=(12, 3.8), layout="constrained",
+                             sharex=True)
+    pos = {b: i for i, b in enumerate(PAIR_BINS)}
+    x = table["bin"].map(pos).to_numpy(dtype=np.float64)
+    for ax, m in zip(axes, PAIR_METRICS, strict=True):
+        d = table[f"{m}_diff"].to_numpy(dtype=np.float64)
+        ax.scatter(x, d, s=10, alpha=0.5, color="C0")
+        if not np.isfinite(d).any():
+            ax.text(0.5, 0.5, "undefined for every pair\n(no recorded weight shapes?)",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8)
+        mean = table.groupby("bin")[f"{m}_diff"].mean()
+        xs = [pos[b] for b in PAIR_BINS if b in mean.index]
+        ax.plot(xs, [mean[b] for b in PAIR_BINS if b in mean.index], color="C3", lw=1.5,
+                marker="o", ms=3, label="mean over pairs")
+        ax.axhline(0.0, color="0.4", lw=0.8, ls="--")
+        ax.set_title(f"{m}: {_mpl_text(short_label(sides[0], 20))} − "
+                     f"{_mpl_text(short_label(sides[1], 20))}", fontsize=9)
+        ax.set_xticks(range(len(PAIR_BINS)), PAIR_BINS, rotation=60, fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("paired difference")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def fig_pair_correlation(corr: pd.DataFrame, column: str):
+    """Spearman's ρ per depth bin, one line per metric."""
+    from .pairs import PAIR_BINS, PAIR_METRICS
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    pos = {b: i for i, b in enumerate(PAIR_BINS)}
+    for m in PAIR_METRICS:
+        c = corr[corr["metric"] == m]
+        ax.plot(c["bin"].map(pos), c["spearman"], marker="o", ms=3, label=m)
+    ax.axhline(0.0, color="0.4", lw=0.8, ls="--")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xticks(range(len(PAIR_BINS)), PAIR_BINS, rotation=60, fontsize=7)
+    ax.set_ylabel("Spearman ρ")
+    ax.set_title(f"correlation with {_mpl_text(short_label(column, 40))}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 # ---------------------------------------------------------------------- report
 def _table(df: pd.DataFrame, n: int = 20) -> str:
     return df.head(n).to_html(index=False, float_format=lambda v: f"{v:.4g}",
@@ -516,6 +596,28 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
     return os.path.abspath(path)
 
 
+def _pair_figures(res, plots, captions, plots_dir) -> None:
+    """The paired comparison's figures, when the analysis had ``pairs``."""
+    table = res.pair_table()
+    if table is None or not len(table):
+        return
+    sides = res.settings["pairs"]["columns"]
+    _save(fig_pairs(table, sides), plots, "pairs", plots_dir)
+    captions["pairs"] = (
+        f"Paired differences ({sides[0]} − {sides[1]}) of each layer metric per depth bin "
+        f"(first conv layers, then deciles of the other layers' normalised depth; "
+        f"docs/method.md §7): a dot per pair (the model means in the bin), the line the "
+        f"mean over {len(res.settings['pairs']['names']):,} pairs. Table: pairs.csv.")
+    corr = res.pair_correlation()
+    if corr is not None:
+        col = res.settings["correlate"]
+        _save(fig_pair_correlation(corr, col), plots, "pairs_correlation", plots_dir)
+        captions["pairs_correlation"] = (
+            f"Spearman correlation, per depth bin, of each paired model's mean metric in "
+            f"the bin with its meta value {col!r} (every paired model once; NaN, not drawn, "
+            f"below 3 models). Table: pairs_correlation.csv.")
+
+
 def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
     """Every figure of the report into ``plots`` (name -> base64 PNG) and ``captions``."""
     _save(fig_explained_variance(pca, subsets), plots, "explained_variance", plots_dir)
@@ -577,6 +679,15 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
     _save(fig_quality(quality), plots, "quality", plots_dir)
     captions["quality"] = ("Variance entropy (normalised) vs sparsity, per layer; dashed: "
                            "1. " + entropy_note())
+    sweep = res.degenerated_sweep()
+    if sweep is not None and len(sweep):
+        _save(fig_degenerated_sweep(sweep), plots, "degenerated_sweep", plots_dir)
+        captions["degenerated_sweep"] = (
+            "Share of degenerated layers per depth decile as the thresholds move: a layer "
+            "is degenerated when its sparsity at ε is at least 0.5 or its normalised "
+            "variance entropy at most the cutoff (docs/method.md §7); ε = 0.01 with "
+            "cutoff 0.5 is the degenerated_layers.csv rule.")
+    _pair_figures(res, plots, captions, plots_dir)
     if quality["orthogonality"].notna().any():
         _save(fig_orthogonality(quality), plots, "orthogonality", plots_dir)
         n_nan = int(quality["orthogonality"].isna().sum())

@@ -8,7 +8,7 @@ This module owns the result set's contract; nothing else reads or writes its fil
                            with their bin edges, group labels and codes, KL matrices,
                            fine histograms, ridge densities and the settings
       pca.json  pca_subsets.json  kl/<slug>.csv  kl/drift.csv  quality.csv
-      degenerated_layers.csv  model_quality.csv
+      degenerated_layers.csv  model_quality.csv  pairs.csv  pairs_correlation.csv
                            exports, derived from results.zarr after it is written
       report.html  plots/  written by :func:`filterdb_dask.report.write_report`
 
@@ -54,6 +54,7 @@ ZARR_NAME = "results.zarr"
 _TOP_ENTRIES = frozenset({
     ZARR_NAME, "pca.json", "pca_subsets.json", "kl", "quality.csv",
     "degenerated_layers.csv", "model_quality.csv", "report.html", "plots",
+    "pairs.csv", "pairs_correlation.csv",
 })
 _SUB_ENTRIES = {"kl": re.compile(r"[0-9a-z_]+\.csv(\.tmp)?"),
                 "plots": re.compile(r"[0-9A-Za-z_]+\.png")}
@@ -123,6 +124,32 @@ class Results:
     def drift(self) -> pd.DataFrame:
         """Box-plot statistics of the upper triangle of every grouping's matrix."""
         return drift_summary({g.name: self.kl[g.slug] for g in self.groupings})
+
+    def degenerated_sweep(self) -> pd.DataFrame | None:
+        """Share of degenerated layers per depth decile for each swept ε and entropy
+        cutoff (``settings``), or None when nothing was swept; see
+        :func:`filterdb_dask.quality.degenerated_sweep`."""
+        from .quality import degenerated_sweep
+
+        eps = self.settings.get("sparsity_eps") or ()
+        cut = self.settings.get("entropy_cutoffs") or ()
+        return degenerated_sweep(self.quality, eps, cut) if eps or cut else None
+
+    def pair_table(self) -> pd.DataFrame | None:
+        """Paired differences per depth bin (``settings["pairs"]``), or None;
+        see :func:`filterdb_dask.pairs.pair_table`."""
+        from .pairs import pair_table
+
+        p = self.settings.get("pairs")
+        return pair_table(self.quality, p) if p else None
+
+    def pair_correlation(self) -> pd.DataFrame | None:
+        """Spearman's ρ per depth bin and metric with ``settings["correlate"]``, or
+        None; see :func:`filterdb_dask.pairs.pair_correlation`."""
+        from .pairs import pair_correlation
+
+        p, col = self.settings.get("pairs"), self.settings.get("correlate")
+        return pair_correlation(self.quality, self.meta, p, col) if p and col else None
 
     def degenerated(self, **kw) -> pd.DataFrame:
         """Degenerated layers; see :func:`filterdb_dask.quality.degenerated_layers`."""
@@ -196,6 +223,11 @@ class Results:
         q = self.quality
         for col in q.columns[4:]:
             data[f"quality_{col}"] = (("layer",), q[col].to_numpy(dtype=np.float64))
+        data.update(_table_vars("degenerated_sweep", "degenerated_sweep_row",
+                                self.degenerated_sweep()))
+        data.update(_table_vars("pairs", "pair_row", self.pair_table()))
+        data.update(_table_vars("pair_correlation", "pair_correlation_row",
+                                self.pair_correlation()))
         coords.update({
             "component": comp, "component_b": comp, "feature": comp, "feature_b": comp,
             "bound": np.array(["lo", "hi"], dtype=object),
@@ -352,6 +384,10 @@ class Results:
         put("degenerated_layers.csv",
             lambda p: self.degenerated().to_csv(p, index=False, float_format="%.17g"))
         put("model_quality.csv", lambda p: self.models().to_csv(p, float_format="%.17g"))
+        for name, table in (("pairs.csv", self.pair_table()),
+                            ("pairs_correlation.csv", self.pair_correlation())):
+            if table is not None:
+                put(name, lambda p, t=table: t.to_csv(p, index=False, float_format="%.17g"))
         return paths
 
     def write(self, out: str | os.PathLike, *, report: bool = False,
@@ -515,6 +551,22 @@ def _umask() -> int:
 
 
 # ------------------------------------------------------------------ encoding
+def _table_vars(prefix: str, dim: str, table: pd.DataFrame | None) -> dict:
+    """A small derived table as Dataset variables ``<prefix>_<column>`` along ``dim``
+    (numbers float64, text as strings); the column names stay the table's, so a
+    side label from a pairs file keeps its spelling in ``settings["pairs"]``."""
+    if table is None or not len(table):  # a string variable of length 0 does not survive Zarr
+        return {}
+    out = {}
+    for j, col in enumerate(table.columns):
+        s = table[col]
+        vals = (s.to_numpy(dtype=np.float64) if pd.api.types.is_numeric_dtype(s.dtype)
+                else np.array([str(v) for v in s], dtype=object))
+        key = col if re.fullmatch(r"[0-9A-Za-z_]+", str(col)) else f"col{j}"
+        out[f"{prefix}_{key}"] = ((dim,), vals)
+    return out
+
+
 def _encode_meta(meta: pd.DataFrame):
     """Meta columns as Dataset variables ``meta_<j>`` (strings + ``meta_<j>_na``)."""
     data, spec = {}, []

@@ -48,6 +48,15 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _cutoff_list(text: str) -> tuple[float, ...]:
+    from .quality import normalize_entropy_cutoffs
+
+    try:
+        return normalize_entropy_cutoffs(text)
+    except FilterDBError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _eps_list(text: str) -> tuple[float, ...]:
     from .quality import normalize_sparsity_eps
 
@@ -259,11 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsity thresholds swept in pass 1, e.g. 0.001,0.005,0.01,0.05,0.1 "
                         "(quality.csv gains sparsity@E and clean variance entropy per E; "
                         "default: the config's analysis.sparsity-eps, none)")
+    a.add_argument("--entropy-cutoffs", type=_cutoff_list, metavar="H1,H2,...",
+                   help="normalised-entropy cutoffs, e.g. 0.3,0.5,0.7: the report shows the "
+                        "share of degenerated layers per depth decile at each, beside each "
+                        "--sparsity-eps (no extra pass; default: the config's "
+                        "analysis.entropy-cutoffs, none)")
     a.add_argument("--no-orthogonality", dest="orthogonality", action="store_false",
                    default=None,
                    help="skip the per-layer orthogonality of pass 1 (computed where ingest "
                         "recorded weight shapes; costs O(c_out²) per filter row; default: "
                         "the config's analysis.orthogonality, on)")
+    a.add_argument("--pairs", metavar="CSV",
+                   help="paired comparison: UTF-8 CSV, two columns of model names (model "
+                        "or Name; optional header naming the sides, e.g. robust,normal); "
+                        "writes pairs.csv: per pair and depth bin (first layer, then "
+                        "deciles) the differences of sparsity, variance entropy and "
+                        "orthogonality")
+    a.add_argument("--correlate", metavar="COLUMN",
+                   help="with --pairs: Spearman correlation per depth bin of each paired "
+                        "model's metric with this numeric meta column (pairs_correlation.csv)")
     a.add_argument("--no-report", action="store_true", help="skip the HTML report")
     _add_storage_options(a)
     _add_execution_options(a)
@@ -422,7 +445,8 @@ def cmd_analyze(args) -> int:
         res = analyze(store, by=args.by, bins=args.bins,
                       subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
                       execution=ex, sparsity_eps=args.sparsity_eps,
-                      orthogonality=args.orthogonality)
+                      orthogonality=args.orthogonality, pairs=args.pairs,
+                      correlate=args.correlate, entropy_cutoffs=args.entropy_cutoffs)
     res.settings.update({"scheduler": ex.description})
     paths = res.write(args.out, report=not args.no_report, verbosity=_verbosity(args))
     print(f"results: {os.path.abspath(args.out)}")
