@@ -9,6 +9,12 @@ any moment is resumed by running the same command: finished chunks are kept, the
 rest rewritten, and the source rows of every finished chunk are read and hashed
 again: a source changed since the interrupted run is refused (the fingerprint alone
 sees only its size, meta and ends). The store's ``complete`` flag is set last.
+
+Speed: per chunk, one read of the rows, their SHA-256 and one finiteness sum, then
+:func:`storeformat.write_chunk` encodes and checksums each Zarr chunk in one pass and
+writes the encoded bytes itself; chunks run in parallel on dask's threads (hashlib,
+the CRCs and the compressors release the GIL), and a process computing them itself
+keeps the chunk buffers on the heap (:func:`filterdb_dask.cluster.tune_allocator`).
 """
 
 from __future__ import annotations
@@ -167,6 +173,8 @@ def convert(
                 tasks.append(dask.delayed(_write_chunk, pure=False)(
                     loc, src_path, src.name, i, int(a), int(b), store_dtype.name, codec))
         ex = cluster.ensure(execution, verbosity)
+        if ex.client is None:  # computed in this process: chunk buffers from the heap
+            cluster.tune_allocator()
         (results,) = ex.compute(tasks, label="convert", io_bound=True) if tasks else ((),)
         marks = dict(done)
         bad_total, bad_rows, changed = 0, [], []

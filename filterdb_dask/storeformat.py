@@ -39,13 +39,17 @@ import hashlib
 import json
 import os
 import socket
-import zlib
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
 
 from .errors import StoreBusyError, StoreError
+
+try:  # the same CRC-32 as zlib's, ~10x faster (carry-less multiply); optional: [fast]
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - depends on the installed extras
+    from zlib import crc32 as _crc32
 
 SCHEMA_VERSION = 2
 ATTR_KEY = "filterdb"
@@ -461,7 +465,7 @@ def read_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: 
 
 def checksum(a: np.ndarray) -> int:
     """CRC-32 of the array's values (C order, store dtype)."""
-    return zlib.crc32(np.ascontiguousarray(a).data) & 0xFFFFFFFF
+    return _crc32(np.ascontiguousarray(a).data) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -478,19 +482,95 @@ class ChunkMark:
                 "source_sha256": self.source_sha256}
 
 
+def _chunk_encoder(arr):
+    """``encode(values) -> bytes``: one Zarr chunk of ``arr`` as Zarr's own codec
+    pipeline stores it (little-endian bytes, the compressor, the CRC-32C trailer),
+    for the codec chains :func:`_compressors` makes; None for any other chain.
+
+    Writing the encoded chunks directly skips the copies of Zarr's generic write
+    path (a fill-value buffer per chunk, the merge into it, the trailer appended by
+    copying): a third of the converter's time. ``tests/test_chunk_encoding.py``
+    checks the bytes against Zarr's for every codec, dtype and edge chunk.
+    """
+    import google_crc32c
+    import numcodecs
+
+    chain = [c.to_dict() for c in arr.metadata.codecs]
+    if (len(chain) < 2 or chain[0] != {"name": "bytes", "configuration": {"endian": "little"}}
+            or chain[-1] != {"name": "crc32c"} or len(chain) > 3):
+        return None
+    comp = None
+    if len(chain) == 3:
+        conf = chain[1].get("configuration", {})
+        if chain[1]["name"] == "blosc":
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[conf["shuffle"]]
+            comp = numcodecs.Blosc(cname=conf["cname"], clevel=conf["clevel"],
+                                   shuffle=shuffle, blocksize=conf["blocksize"],
+                                   typesize=conf["typesize"])
+        elif chain[1]["name"] == "zstd":
+            comp = numcodecs.Zstd(level=conf["level"], checksum=conf["checksum"])
+        else:
+            return None
+    little = np.dtype(arr.dtype).newbyteorder("<")
+
+    def encode(values: np.ndarray) -> bytes:
+        raw = np.ascontiguousarray(values, dtype=little).view(np.uint8).reshape(-1)
+        body = raw if comp is None else np.frombuffer(comp.encode(raw), dtype=np.uint8)
+        crc = google_crc32c.value(body)
+        return b"".join((body.data, crc.to_bytes(4, "little")))
+
+    return encode
+
+
+def _put_encoded(arr, y: np.ndarray, encode) -> int:
+    """Store ``y`` (all rows of ``arr``) chunk by chunk through ``encode``; the
+    CRC-32 of its values (:func:`checksum`), computed on the way."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    rows = arr.chunks[0]
+    sp = arr.store_path
+    proto = default_buffer_prototype()
+    crc = 0
+    puts = []
+    for j, start in enumerate(range(0, len(y), rows)):
+        piece = y[start:start + rows]
+        crc = _crc32(piece, crc)
+        if len(piece) < rows:  # an edge chunk is stored whole, padded with the fill value
+            full = np.zeros((rows, *y.shape[1:]), dtype=y.dtype)
+            full[:len(piece)] = piece
+            piece = full
+        key = f"{sp.path}/{arr.metadata.encode_chunk_key((j, 0))}"
+        puts.append((key, proto.buffer.from_bytes(encode(piece))))
+
+    async def _all():
+        import asyncio
+
+        await asyncio.gather(*(sp.store.set(k, v) for k, v in puts))
+
+    sync(_all())
+    return crc & 0xFFFFFFFF
+
+
 def write_chunk(path: str | Location, i: int, x: np.ndarray, a: int, b: int, dtype: str, codec: str,
                 source_sha256: str) -> ChunkMark:
     """Write planned chunk ``i`` (rows ``[a, b)``) as its own array; mark it last.
 
     ``source_sha256`` is the digest of the source bytes the rows were made from
-    (checked again when a conversion is resumed).
+    (checked again when a conversion is resumed). The CRC-32 of the values and the
+    encoding of each Zarr chunk are one pass over the rows.
     """
     y = np.ascontiguousarray(x, dtype=dtype)
     if y.shape != (b - a, 9):
         raise StoreError(f"chunk {i}: {y.shape} rows given for rows {a}:{b}")
     arr = _create_chunk_array(location(path).zarr_store(), chunk_name(i), b - a, dtype, codec)
-    arr[...] = y
-    mark = ChunkMark(checksum(y), tuple(_stored_marks(arr)), source_sha256)
+    encode = _chunk_encoder(arr)
+    if encode is None:
+        arr[...] = y
+        crc = checksum(y)
+    else:
+        crc = _put_encoded(arr, y, encode)
+    mark = ChunkMark(crc, tuple(_stored_marks(arr)), source_sha256)
     # one write of zarr.json (``attrs.update`` writes it once per key): the mark is whole
     arr.update_attributes(mark.to_attrs(a, b))
     return mark
