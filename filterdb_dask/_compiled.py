@@ -34,12 +34,10 @@ from numba import njit
 
 from .kernels import (
     LANES,
-    N_STATS,
-    PAIRS,
     STAT_N,
-    STAT_N_CLEAN,
-    STAT_SPARSITY,
     SWEEP_BLOCK,
+    pairs,
+    stat_layout,
     sweep_from_band_sums,
     validate_fine_edges,
     variance_entropy_from_scatter,
@@ -47,8 +45,8 @@ from .kernels import (
 
 BLOCK = LANES  # pass 1's sums: one lane per row of a block (fixed order); 2, 3 reuse it
 LANES_MAX = 64  # lanes of the (order-free) max
-NF = 9  # values per filter (3x3); a compile-time constant for the loops
-NPAIR = len(PAIRS[0])
+# Values per filter D: taken from the arrays at run time (D = 9 for 3x3, 25 for 5x5, ...).
+# The loops over D are outer loops; the row loops inside them vectorise for any D.
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
@@ -56,16 +54,17 @@ _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 def _load_block(x, r0, n, W, S, P):
     """Filters W[:, :n] (float64, feature-major), peaks P[:n] and scaled filters
     S[:, :n] of rows r0..r0+n (W and S distinct arrays)."""
+    nf = x.shape[1]
     for r in range(n):
-        for j in range(NF):
+        for j in range(nf):
             W[j, r] = np.float64(x[r0 + r, j])
     for r in range(n):
         P[r] = abs(W[0, r])
-    for j in range(1, NF):
+    for j in range(1, nf):
         for r in range(n):
             v = abs(W[j, r])
             P[r] = v if v > P[r] else P[r]
-    for j in range(NF):
+    for j in range(nf):
         for r in range(n):
             p = P[r]
             q = W[j, r] / p
@@ -78,16 +77,17 @@ def _scale_block(x, r0, n, S, P):
 
     Its own loops, not ``_load_block(x, r0, n, S, S, P)``: with W and S the same
     array LLVM's run-time alias check fails and every loop runs scalar (2x slower)."""
+    nf = x.shape[1]
     for r in range(n):
-        for j in range(NF):
+        for j in range(nf):
             S[j, r] = np.float64(x[r0 + r, j])
     for r in range(n):
         P[r] = abs(S[0, r])
-    for j in range(1, NF):
+    for j in range(1, nf):
         for r in range(n):
             v = abs(S[j, r])
             P[r] = v if v > P[r] else P[r]
-    for j in range(NF):
+    for j in range(nf):
         for r in range(n):
             p = P[r]
             q = S[j, r] / p
@@ -98,13 +98,26 @@ def _scale_block(x, r0, n, S, P):
 def _project_block(S, n, mean, comps, C):
     """C[k, :n] = sum_j (S[j] - mean[j]) * comps[k, j], left to right (no fast-math).
 
-    S is overwritten with S - mean. The nine terms of each coefficient are written
-    out, so that C[k] stays in a register across them and the row loop vectorises.
+    S is overwritten with S - mean. For D = 9 the nine terms of each coefficient are
+    written out, so that C[k] stays in a register across them and the row loop
+    vectorises; any other D adds term j to C[k] for all rows before term j + 1 (the
+    same additions in the same order per coefficient, so the same bits).
     """
-    for j in range(NF):
+    nf = mean.shape[0]
+    for j in range(nf):
         mj = mean[j]
         for r in range(n):
             S[j, r] = S[j, r] - mj
+    if nf != 9:
+        for k in range(comps.shape[0]):
+            v0 = comps[k, 0]
+            for r in range(n):
+                C[k, r] = S[0, r] * v0
+            for j in range(1, nf):
+                vj = comps[k, j]
+                for r in range(n):
+                    C[k, r] = C[k, r] + S[j, r] * vj
+        return
     for k in range(comps.shape[0]):
         v0 = comps[k, 0]
         v1 = comps[k, 1]
@@ -132,7 +145,8 @@ def _project_block(S, n, mean, comps, C):
 @njit(**_OPTS)
 def _abs_max(x, a, b, lw, M):
     """max |x[a:b]| over all values; lane-wise in M[:lw] (max is exact in any order)."""
-    flat = x.reshape(-1)[a * NF : b * NF]
+    nf = x.shape[1]
+    flat = x.reshape(-1)[a * nf : b * nf]
     M[:] = 0.0
     ng = flat.shape[0] // LANES_MAX
     for g in range(ng):
@@ -153,16 +167,16 @@ def _abs_max(x, a, b, lw, M):
 @njit(**_OPTS)
 def _lane_add(D, m, L):
     """L[j, r] += D[j, r] for r < m: row r of the block feeds lane r."""
-    for j in range(NF):
+    for j in range(D.shape[0]):
         for r in range(m):
             L[j, r] = L[j, r] + D[j, r]
 
 
 @njit(**_OPTS)
 def _lane_add_products(D, m, PJ, PM, L):
-    """L[p, r] += D[PJ[p], r] * D[PM[p], r] for r < m: the 45 cross products, one lane
-    per row of the block (a long, vectorised loop per product)."""
-    for p in range(NPAIR):
+    """L[p, r] += D[PJ[p], r] * D[PM[p], r] for r < m: the D(D+1)/2 cross products,
+    one lane per row of the block (a long, vectorised loop per product)."""
+    for p in range(PJ.shape[0]):
         j = PJ[p]
         k = PM[p]
         for r in range(m):
@@ -188,6 +202,8 @@ def _lane_tree(v, used, t):
 
 @njit(**_OPTS)
 def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
+    NF = x.shape[1]
+    NPAIR = PJ.shape[0]
     W = np.empty((NF, BLOCK))
     S = np.empty((NF, BLOCK))
     DC = np.empty((NF, BLOCK))
@@ -258,16 +274,17 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
         if same:
             tot_s[2] = tot_s[1]
             tot_p[2] = tot_p[1]
-        out[li, STAT_N_CLEAN] = nclean
-        out[li, STAT_SPARSITY] = (n - nclean) / n
+        sp_col = 1 + NF + NF * NF  # the stat layout's sparsity; n_clean 3 after it
+        out[li, sp_col + 3] = nclean
+        out[li, sp_col] = (n - nclean) / n
         for j in range(NF):
             out[li, 1 + j] = ks[j] + tot_s[0, j] / n
         for p in range(NPAIR):
             j = PJ[p]
             m = PM[p]
             v = tot_p[0, p] - tot_s[0, j] * tot_s[0, m] / n
-            out[li, 10 + j * NF + m] = v
-            out[li, 10 + m * NF + j] = v
+            out[li, 1 + NF + j * NF + m] = v
+            out[li, 1 + NF + m * NF + j] = v
             w = tot_p[1, p] - tot_s[1, j] * tot_s[1, m] / n
             sc_all[li, j, m] = w
             sc_all[li, m, j] = w
@@ -282,17 +299,20 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     bounds = np.ascontiguousarray(bounds, dtype=np.int64).reshape(-1, 2)
     x = np.ascontiguousarray(x)
     nl = len(bounds)
-    out = np.zeros((nl, N_STATS))
-    sc_all = np.zeros((nl, 9, 9))
-    sc_clean = np.zeros((nl, 9, 9))
-    _stats_core(x, bounds, PAIRS[0], PAIRS[1], out, sc_all, sc_clean)
+    d = x.shape[1]
+    lay = stat_layout(d)
+    pj, pm = pairs(d)
+    out = np.zeros((nl, lay.size))
+    sc_all = np.zeros((nl, d, d))
+    sc_clean = np.zeros((nl, d, d))
+    _stats_core(x, bounds, pj, pm, out, sc_all, sc_clean)
     n = out[:, STAT_N]
-    out[:, 92] = variance_entropy_from_scatter(sc_all, n)
-    out[:, 93] = variance_entropy_from_scatter(sc_clean, out[:, STAT_N_CLEAN])
+    out[:, lay.ve] = variance_entropy_from_scatter(sc_all, n)
+    out[:, lay.ve_clean] = variance_entropy_from_scatter(sc_clean, out[:, lay.n_clean])
     empty = n == 0
-    out[empty, STAT_SPARSITY] = np.nan
-    out[empty, 92] = np.nan
-    out[empty, 93] = np.nan
+    out[empty, lay.sparsity] = np.nan
+    out[empty, lay.ve] = np.nan
+    out[empty, lay.ve_clean] = np.nan
     return out
 
 
@@ -391,6 +411,7 @@ def _bin_searchsorted(v, edges, scale):
 # ---------------------------------------------------------------------- pass 2
 @njit(**_OPTS)
 def _range_density_core(x, bounds, mean, comps, dedges, dtol, rng, dens):
+    NF = x.shape[1]
     S = np.empty((NF, BLOCK))
     C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
@@ -454,6 +475,7 @@ def range_density_chunk(x, bounds, mean, components, density_edges):
 # ---------------------------------------------------------------------- pass 3
 @njit(**_OPTS)
 def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, tol, hist, fine):
+    NF = x.shape[1]
     S = np.empty((NF, BLOCK))
     C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
@@ -521,8 +543,9 @@ def histogram_chunk(x, bounds, mean, components, edges, layer_groups, n_groups, 
     groups = np.ascontiguousarray(layer_groups, dtype=np.int64).reshape(len(bounds), -1)
     nb = len(edges) - 1
     nf = nb * sub
-    hist = np.zeros((len(bounds), NF, nb), dtype=np.uint32)
-    fine = np.zeros((n_groups, NF, nf), dtype=np.int64)
+    d = np.shape(x)[1]
+    hist = np.zeros((len(bounds), d, nb), dtype=np.uint32)
+    fine = np.zeros((n_groups, d, nf), dtype=np.int64)
     fscale = nf / (edges[-1] - edges[0])
     _histogram_core(
         np.ascontiguousarray(x),

@@ -6,7 +6,9 @@ tested against. Importing dask in this module is forbidden.
 
 Conventions
 -----------
-``x``       (n, 9) filters of one chunk, float32 or float64, unscaled.
+``x``       (n, D) filters of one chunk, float32 or float64, unscaled; D = K² values
+            of a K×K kernel (D = 9 for the published 3×3 DB; every kernel works for
+            any D >= 2, the 3×3 results are those of the 9-only code bit for bit).
 ``bounds``  (L, 2) int64 ``[start, stop)`` rows of the chunk's layers, relative
             to the chunk, sorted and non-overlapping. Rows outside every layer
             are ignored (filters no meta row references).
@@ -34,6 +36,9 @@ __all__ = [
     "STAT_VE_CLEAN",
     "STAT_N_CLEAN",
     "ENTROPY_FIT",
+    "StatLayout",
+    "stat_layout",
+    "stats_dim",
     "scale_filters",
     "project",
     "layer_stats_chunk",
@@ -64,7 +69,8 @@ __all__ = [
 #: float32 machine epsilon, the value an empty bin gets before normalising (docs/method.md §5)
 EPS_KL = float(np.finfo(np.float32).eps)
 
-# Column layout of the per-layer statistics of pass 1 (``layer_stats_chunk``).
+# Column layout of the per-layer statistics of pass 1 (``layer_stats_chunk``) for
+# D = 9; ``stat_layout(d)`` gives it for any D (same order: n, mean, scatter, ...).
 STAT_N = 0
 STAT_MEAN = slice(1, 10)
 STAT_M2 = slice(10, 91)
@@ -74,6 +80,38 @@ STAT_VE_CLEAN = 93
 STAT_N_CLEAN = 94
 N_STATS = 95
 
+
+class StatLayout:
+    """Columns of pass 1's per-layer statistics for filters of ``d`` values:
+    ``n``, ``mean`` (d), ``m2`` (d² centred scatter, row-major), ``sparsity``,
+    ``ve``, ``ve_clean``, ``n_clean``; ``size`` columns in all (95 for d = 9)."""
+
+    def __init__(self, d: int):
+        self.d = int(d)
+        self.n = 0
+        self.mean = slice(1, 1 + d)
+        self.m2 = slice(1 + d, 1 + d + d * d)
+        self.sparsity = 1 + d + d * d
+        self.ve = self.sparsity + 1
+        self.ve_clean = self.sparsity + 2
+        self.n_clean = self.sparsity + 3
+        self.size = self.sparsity + 4
+
+
+def stat_layout(d: int) -> StatLayout:
+    """The :class:`StatLayout` of filters of ``d`` values."""
+    return StatLayout(d)
+
+
+def stats_dim(stats: np.ndarray) -> int:
+    """D of pass-1 statistics from their width ``D² + D + 5``."""
+    width = int(np.shape(stats)[-1])
+    d = int((np.sqrt(4 * width - 19) - 1) // 2)
+    for c in (d - 1, d, d + 1):
+        if c >= 1 and c * c + c + 5 == width:
+            return c
+    raise AnalysisError(f"pass-1 statistics have {width} columns, not D² + D + 5 for any D")
+
 # Fixed summation order of pass 1 (both engines): row r of a layer (counted from its
 # first row) feeds running sum ("lane") r % LANES, left to right, the lanes starting
 # at 0.0; at the end the lanes are summed pairwise (``_lane_tree``). Long lanes let
@@ -81,6 +119,13 @@ N_STATS = 95
 LANES = 256
 #: the 45 (j, m), j <= m, entries of a 9x9 scatter, in row-major order
 PAIRS = tuple(np.ascontiguousarray(a) for a in np.triu_indices(9))
+
+
+def pairs(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (j, m), j <= m, entries of a d×d scatter in row-major order (``PAIRS`` for 9)."""
+    if d == 9:
+        return PAIRS
+    return tuple(np.ascontiguousarray(a) for a in np.triu_indices(d))
 
 #: (l, x0, k, b) of the logistic fit T(n) of the maximal variance entropy (docs/method.md §7)
 ENTROPY_FIT = (1.2618047, 2.30436435, 0.88767525, -0.31050834)
@@ -92,12 +137,12 @@ def scale_filters(x: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    x : (n, 9) array
+    x : (n, D) array
         Unscaled filters.
 
     Returns
     -------
-    (n, 9) float64 array; an all-zero filter stays zero.
+    (n, D) float64 array; an all-zero filter stays zero.
     """
     x = np.asarray(x, dtype=np.float64)
     peak = np.max(np.abs(x), axis=1, keepdims=True)
@@ -109,20 +154,20 @@ def scale_filters(x: np.ndarray) -> np.ndarray:
 def project(xs: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
     """PCA coefficients ``(xs - mean) @ components.T`` in a fixed summation order.
 
-    The sum over the 9 inputs runs left to right with one multiply and one add per
+    The sum over the D inputs runs left to right with one multiply and one add per
     term, exactly as the compiled kernel does, so that the bin a coefficient falls
     into never depends on the engine or on the chunking.
 
     Parameters
     ----------
-    xs : (n, 9) float64
+    xs : (n, D) float64
         Scaled filters.
-    mean : (9,) float64
-    components : (9, 9) float64, one component per row.
+    mean : (D,) float64
+    components : (D, D) float64, one component per row.
 
     Returns
     -------
-    (n, 9) float64 coefficients.
+    (n, D) float64 coefficients.
     """
     d = xs - mean
     out = np.empty((d.shape[0], components.shape[0]), dtype=np.float64)
@@ -153,8 +198,8 @@ def _lane_tree(v: np.ndarray) -> np.ndarray:
 
 
 def _fixed_sums(d: np.ndarray, products: bool = False, slab: int = 64) -> np.ndarray:
-    """Pass 1's fixed-order column sums of ``d`` (n, 9), or of the 45 products
-    ``d[:, j] * d[:, m]`` (``PAIRS``) when ``products``.
+    """Pass 1's fixed-order column sums of ``d`` (n, D), or of the D(D+1)/2 products
+    ``d[:, j] * d[:, m]`` (:func:`pairs`) when ``products``.
 
     Row r feeds lane r % LANES, left to right, from 0.0; then the lanes pairwise
     (``_lane_tree``). The same additions as the compiled kernel, so both engines give
@@ -162,10 +207,13 @@ def _fixed_sums(d: np.ndarray, products: bool = False, slab: int = 64) -> np.nda
     a lane is never -0.0, and x + 0.0 == x otherwise.)
     """
     total = 0.0
+    pj, pm = pairs(d.shape[1])
+    if products:  # bounded memory for wide filters; blocks add in the same order
+        slab = max(1, slab * 45 // len(pj))
     for s0 in range(0, len(d), slab * LANES):  # bounded memory
         part = d[s0 : s0 + slab * LANES]
         if products:
-            part = part[:, PAIRS[0]] * part[:, PAIRS[1]]
+            part = part[:, pj] * part[:, pm]
         rows = -(-len(part) // LANES) * LANES
         if rows != len(part):
             part = np.concatenate([part, np.zeros((rows - len(part), part.shape[1]))])
@@ -177,11 +225,13 @@ def _fixed_sums(d: np.ndarray, products: bool = False, slab: int = 64) -> np.nda
 
 
 def _scatter_from_sums(sums: np.ndarray, prods: np.ndarray, n: float) -> np.ndarray:
-    """Centred 9x9 scatter from shifted sums and cross products."""
-    v = prods - sums[PAIRS[0]] * sums[PAIRS[1]] / n
-    out = np.empty((9, 9))
-    out[PAIRS] = v
-    out[PAIRS[1], PAIRS[0]] = v
+    """Centred D×D scatter from shifted sums and cross products."""
+    d = len(sums)
+    pj, pm = pairs(d)
+    v = prods - sums[pj] * sums[pm] / n
+    out = np.empty((d, d))
+    out[pj, pm] = v
+    out[pm, pj] = v
     return out
 
 
@@ -190,20 +240,25 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    x : (n, 9) array
+    x : (n, D) array
         The chunk's filters, unscaled.
     bounds : (L, 2) int array
         ``[start, stop)`` rows of each layer within the chunk.
 
     Returns
     -------
-    (L, N_STATS) float64 array with columns ``STAT_N`` (filter count),
-    ``STAT_MEAN`` (mean of scaled filters), ``STAT_M2`` (centred scatter of scaled
-    filters, 81 values), ``STAT_SPARSITY``, ``STAT_VE`` (variance entropy),
-    ``STAT_VE_CLEAN`` (on non-sparse filters) and ``STAT_N_CLEAN``.
+    (L, D² + D + 5) float64 array (:func:`stat_layout`; for D = 9 the columns
+    ``STAT_N`` (filter count), ``STAT_MEAN`` (mean of scaled filters), ``STAT_M2``
+    (centred scatter of scaled filters, 81 values), ``STAT_SPARSITY``, ``STAT_VE``
+    (variance entropy), ``STAT_VE_CLEAN`` (on non-sparse filters), ``STAT_N_CLEAN``).
     """
     bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
-    out = np.zeros((len(bounds), N_STATS), dtype=np.float64)
+    dim = int(np.shape(x)[1])
+    lay = stat_layout(dim)
+    STAT_MEAN, STAT_M2 = lay.mean, lay.m2  # the D = 9 names, for any D
+    STAT_SPARSITY, STAT_VE, STAT_VE_CLEAN, STAT_N_CLEAN = (
+        lay.sparsity, lay.ve, lay.ve_clean, lay.n_clean)
+    out = np.zeros((len(bounds), lay.size), dtype=np.float64)
     for i, (a, b) in enumerate(bounds):
         w = np.asarray(x[a:b], dtype=np.float64)
         n = w.shape[0]
@@ -233,20 +288,20 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         out[i, STAT_VE] = variance_entropy_from_scatter(
             _scatter_from_sums(s_w, _fixed_sums(dw, True), n), n)
         sc_clean = (_scatter_from_sums(s_c, _fixed_sums(dc, True), n_clean) if n_clean
-                    else np.zeros((9, 9)))
+                    else np.zeros((dim, dim)))
         out[i, STAT_VE_CLEAN] = variance_entropy_from_scatter(sc_clean, n_clean)
     return out
 
 
 def variance_entropy_from_scatter(scatter: np.ndarray, n: int | np.ndarray) -> np.ndarray:
-    """Variance entropy (base 10) from centred 9x9 scatter matrices (docs/method.md §7).
+    """Variance entropy (base 10) from centred D×D scatter matrices (docs/method.md §7).
 
     The eigenvalues of the scatter are the squared singular values of the centred
     filters, so ``v = eig / (n - 1)`` and the entropy of ``v / sum(v)`` follow.
 
     Parameters
     ----------
-    scatter : (..., 9, 9) float64
+    scatter : (..., D, D) float64
     n : int or (...) array of filter counts.
 
     Returns
@@ -266,10 +321,20 @@ def variance_entropy_from_scatter(scatter: np.ndarray, n: int | np.ndarray) -> n
     return np.where(n < 2, np.nan, ent)
 
 
-def entropy_norm(n: np.ndarray | float) -> np.ndarray:
-    """Logistic fit ``T(n)`` of the largest variance entropy of ``n`` filters."""
-    ll, x0, k, b = ENTROPY_FIT
+def entropy_norm(n: np.ndarray | float, d: int = 9) -> np.ndarray:
+    """Normaliser of the variance entropy of ``n`` filters of ``d`` values.
+
+    D = 9 (3×3): the published logistic fit ``T(n)`` of the largest variance
+    entropy. Any other D: ``log10(min(n - 1, D))``, the largest variance entropy
+    ``n`` filters in D dimensions can have (at most ``min(n - 1, D)`` non-zero
+    variances, all equal); NaN for n < 2 (docs/method.md §7).
+    """
     n = np.asarray(n, dtype=np.float64)
+    if int(d) != 9:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rank = np.minimum(n - 1.0, float(d))
+            return np.where(rank >= 1.0, np.log10(np.where(rank >= 1.0, rank, 1.0)), np.nan)
+    ll, x0, k, b = ENTROPY_FIT
     with np.errstate(divide="ignore"):
         return ll / (1.0 + np.exp(-k * (np.log2(n) - x0))) + b
 
@@ -283,12 +348,12 @@ def moments_combine(
     Parameters
     ----------
     n : (K,) counts
-    mean : (K, 9) means
-    m2 : (K, 9, 9) or (K, 81) centred scatter matrices
+    mean : (K, D) means
+    m2 : (K, D, D) or (K, D²) centred scatter matrices
 
     Returns
     -------
-    (n_total, mean (9,), m2 (9, 9)), all float64.
+    (n_total, mean (D,), m2 (D, D)), all float64.
     """
     n = np.asarray(n, dtype=np.float64)
     mean = np.asarray(mean, dtype=np.float64)
@@ -310,7 +375,7 @@ def pca_finalize(n: float, mean: np.ndarray, m2: np.ndarray) -> dict[str, np.nda
 
     Returns
     -------
-    dict with ``n_filters``, ``mean`` (9), ``components`` (9, 9; one per row,
+    dict with ``n_filters``, ``mean`` (D), ``components`` (D, D; one per row,
     largest-|entry| positive), ``explained_variance``, ``explained_variance_ratio``
     and ``covariance``. With fewer than two filters every array is NaN.
     """
@@ -348,18 +413,21 @@ def pca_finalize(n: float, mean: np.ndarray, m2: np.ndarray) -> dict[str, np.nda
 
 
 def quality_finalize(stats: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-layer quality table columns from pass-1 statistics (docs/method.md §7)."""
+    """Per-layer quality table columns from pass-1 statistics (docs/method.md §7);
+    D is read from the statistics' width."""
+    d = stats_dim(stats)
+    lay = stat_layout(d)
     n = stats[:, STAT_N]
-    n_clean = stats[:, STAT_N_CLEAN]
-    ve = stats[:, STAT_VE]
-    vec = stats[:, STAT_VE_CLEAN]
+    n_clean = stats[:, lay.n_clean]
+    ve = stats[:, lay.ve]
+    vec = stats[:, lay.ve_clean]
     return {
         "n": n.astype(np.int64),
-        "sparsity": stats[:, STAT_SPARSITY],
+        "sparsity": stats[:, lay.sparsity],
         "variance_entropy": ve,
-        "variance_entropy_norm": ve / entropy_norm(n),
+        "variance_entropy_norm": ve / entropy_norm(n, d),
         "variance_entropy_clean": vec,
-        "variance_entropy_clean_norm": vec / entropy_norm(n_clean),
+        "variance_entropy_clean_norm": vec / entropy_norm(n_clean, d),
     }
 
 
@@ -467,7 +535,7 @@ def range_density_chunk(
 
     Returns
     -------
-    rng : (2,) float64 ``[min, max]`` over all 9 coefficients (``[inf, -inf]``
+    rng : (2,) float64 ``[min, max]`` over all D coefficients (``[inf, -inf]``
         when the chunk holds no layer rows).
     density : (B, B) int64 counts, ``np.histogram2d`` semantics on ``density_edges``
         for both axes (coefficient 0 on the first axis).
@@ -511,9 +579,9 @@ def histogram_chunk(
 
     Returns
     -------
-    hist : (L, 9, bins) uint32 counts per layer, component and bin, np.histogram's
+    hist : (L, D, bins) uint32 counts per layer, component and bin, np.histogram's
         semantics; equal to the fine counts summed over each coarse bin's sub-bins.
-    fine : (n_groups, 9, F) int64 counts per group code, component and fine bin.
+    fine : (n_groups, D, F) int64 counts per group code, component and fine bin.
     """
     bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
     layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(len(bounds), -1)
@@ -798,7 +866,7 @@ def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> 
 
     Parameters
     ----------
-    x : (n, 9) array
+    x : (n, D) array
         The chunk's filters, unscaled.
     bounds : (L, 2) int array
         ``[start, stop)`` rows of each layer within the chunk.
@@ -881,7 +949,8 @@ def sweep_from_band_sums(bounds, order, cnt, s1, s2) -> np.ndarray:
     return out
 
 
-def sparsity_sweep_finalize(n: np.ndarray, sweep: np.ndarray) -> dict[str, np.ndarray]:
+def sparsity_sweep_finalize(n: np.ndarray, sweep: np.ndarray,
+                            d: int = 9) -> dict[str, np.ndarray]:
     """Sparsity and clean variance entropy (and its norm) per ε from the sweep.
 
     Parameters
@@ -904,7 +973,7 @@ def sparsity_sweep_finalize(n: np.ndarray, sweep: np.ndarray) -> dict[str, np.nd
     return {
         "sparsity": sparsity,
         "variance_entropy_clean": vec,
-        "variance_entropy_clean_norm": vec / entropy_norm(n_clean),
+        "variance_entropy_clean_norm": vec / entropy_norm(n_clean, d),
     }
 
 
