@@ -81,21 +81,24 @@ def write_dataset(
     name: str = "filter",
     meta_format: str = "fixed",
     progress: Callable[[int, int], None] | None = None,
+    kernel: int = 3,
 ) -> None:
-    """Stream ``pieces`` of (m, 9) filters into ``path`` and add the meta table.
+    """Stream ``pieces`` of (m, K²) filters into ``path`` and add the meta table.
 
     Parameters
     ----------
     path : target file, replaced atomically at the end.
-    pieces : iterable of (m, 9) arrays whose lengths add up to ``n_filters``.
+    pieces : iterable of (m, K²) arrays whose lengths add up to ``n_filters``.
     n_filters : total rows.
     meta : the meta DataFrame (index ``[model_id, conv_depth, conv_depth_norm]``).
     layout : key of :data:`FILTER_LAYOUTS`.
     name : 'filter' or 'filters'.
     meta_format : 'fixed' or 'table'.
     progress : optional callable ``(done_rows, total_rows)``.
+    kernel : K; the layout's per-filter shape is ``(K²,)`` (flat) or ``(K, K)`` (cube).
     """
     dtype, shape = FILTER_LAYOUTS[layout]
+    shape = (kernel * kernel,) if len(shape) == 1 else (kernel, kernel)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         # "w-": never write through a file or symlink someone placed at that name

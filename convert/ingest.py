@@ -1,11 +1,14 @@
 """Build or extend a filter DB from model files (ONNX, PyTorch, safetensors, Keras).
 
-``ingest(models, into)`` appends every model's 3x3 filters and one meta row per
-layer with 3x3 kernels to a ``dataset.h5`` (new, or one written by this tool: its
-filter dataset is extendable) or to a converted store (new chunks are added; what
-is there is not rewritten). Models get new ids after the largest one present.
+``ingest(models, into)`` appends every model's KxK filters (``kernel=K``, 3 by
+default; depthwise and grouped convolutions included: each output channel x input
+channel of its group is one filter) and one meta row per layer with KxK kernels to
+a ``dataset.h5`` (new, or one written by this tool: its filter dataset is
+extendable) or to a converted store (new chunks are added; what is there is not
+rewritten). A DB holds one kernel size: adding KxK filters to a DB of another size
+is refused. Models get new ids after the largest one present.
 A model whose content hash is already in the DB is refused unless ``force``.
-A model without 3x3 kernels is skipped with a warning: it has no rows to add.
+A model without KxK kernels is skipped with a warning: it has no rows to add.
 Fields beyond the descriptive ones (``--meta epoch=5``, or a meta file's other
 columns) become meta columns of their own, so a series of checkpoints ingested in
 a loop can later be grouped by epoch.
@@ -23,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 from filterdb_dask.errors import InputError
+from filterdb_dask.storeformat import MAX_KERNEL, MIN_KERNEL
 
-from .onnx_extract import ModelInfo, read_onnx
+from .onnx_extract import FILTER_K, ModelInfo, read_onnx
 
 DESCRIPTIVE = ("Task", "Visual Category", "Training-Dataset", "Pretraining-Dataset", "Paper",
                "Accessible", "Dataset URL")
@@ -204,18 +208,32 @@ def _meta_value(text: str):
     return x if np.isfinite(x) else text
 
 
-def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tuple:
-    """Meta rows and (n, 9) filters of one model, rows starting at ``start``."""
-    layers = info.filter_layers()
+def validate_kernel(kernel) -> int:
+    """K as an int in ``MIN_KERNEL..MAX_KERNEL``; InputError otherwise."""
+    try:
+        k = int(kernel)
+        ok = float(kernel) == k
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not MIN_KERNEL <= k <= MAX_KERNEL:
+        raise InputError(f"kernel size {str(kernel)[:20]!r} must be an integer in "
+                         f"{MIN_KERNEL}..{MAX_KERNEL} (K of the KxK filters: 3, 5, 7, ...)")
+    return k
+
+
+def model_table(info: ModelInfo, model_id: int, start: int, fields: dict,
+                kernel: int = FILTER_K) -> tuple:
+    """Meta rows and (n, K²) filters of one model's KxK layers, rows starting at ``start``."""
+    layers = info.filter_layers(kernel)
     if not layers:
         return None, None
     max_depth = max(lay.conv_depth for lay in layers)
     rows, blocks = [], []
     pos = start
     kc = info.kernel_counts()
-    n3 = kc.get("(3, 3) filters", 0)
+    nk = kc.get(f"({kernel}, {kernel}) filters", 0)
     for lay in layers:
-        w = lay.weights.reshape(-1, 9)
+        w = lay.weights.reshape(-1, kernel * kernel)
         blocks.append(w)
         rows.append({
             "model_id": model_id,
@@ -231,7 +249,8 @@ def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tup
             **lay.shape_fields(),
             "model_sha256": info.sha256,
             "total_filters": info.total_filters,
-            "3x3_filter_share": n3 / info.total_filters if info.total_filters else np.nan,
+            f"{kernel}x{kernel}_filter_share": (nk / info.total_filters if info.total_filters
+                                                else np.nan),
             **{k: v for k, v in kc.items()},
             **{f"op {k}" if k in ("model", "depth") else k: v
                for k, v in info.op_counts.items()},
@@ -249,24 +268,25 @@ def model_table(info: ModelInfo, model_id: int, start: int, fields: dict) -> tup
 
 
 def _existing(into: str):
-    """(raw meta or None, n_filters, kind) of the target."""
+    """(raw meta or None, n_filters, kind, K or None) of the target."""
     if into.endswith(".zarr") or os.path.isdir(into):
         if not os.path.exists(into):
-            return None, 0, "new-store"
+            return None, 0, "new-store", None
         from filterdb_dask.store import open_store
 
         st = open_store(into)
-        return st.meta.drop(columns=["start", "stop", "chunk"]), st.n_filters, "store"
+        return (st.meta.drop(columns=["start", "stop", "chunk"]), st.n_filters, "store",
+                st.kernel)
     if not os.path.exists(into):
-        return None, 0, "new-h5"
-    from .read import check_attribute_pickles, find_filters, open_h5, read_meta
+        return None, 0, "new-h5", None
+    from .read import check_attribute_pickles, find_filters, kernel_of_shape, open_h5, read_meta
 
     with open_h5(into) as f:
         dset = find_filters(f, into)
         meta = read_meta(f, into)
         # the file is extended, not rewritten: refuse one that would run code in pandas
         check_attribute_pickles(f, into)
-        return meta, dset.shape[0], "h5"
+        return meta, dset.shape[0], "h5", kernel_of_shape(dset.shape)
 
 
 def ingest(
@@ -277,6 +297,7 @@ def ingest(
     meta_file: str | None = None,
     force: bool = False,
     infos: list[ModelInfo] | None = None,
+    kernel: int | None = None,
 ) -> IngestResult:
     """Add models to a dataset.h5 or a store.
 
@@ -288,17 +309,29 @@ def ingest(
     meta_file : CSV/YAML with per-model fields (overrides ``fields``).
     force : add a model even if its content hash is already in the DB.
     infos : already extracted models (Python API, e.g. :func:`read_module`).
+    kernel : K: the KxK kernels become filters of K² values (default: the package
+        config's ``filterdb_dask.ingest.kernel``, 3). A DB holds one K: a target of
+        another K is refused.
 
     Raises
     ------
     InputError, StoreError
     """
     fields = dict(fields or {})
+    if kernel is None:
+        from filterdb_dask import config
+
+        kernel = config.get("ingest.kernel")
+    kernel = validate_kernel(kernel)
     side = load_side_info(meta_file)
     infos = list(infos or []) + [read_model(p, name=None) for p in models]
     if not infos:
         raise InputError("no models given")
-    meta, n_existing, kind = _existing(into)
+    meta, n_existing, kind, held = _existing(into)
+    if held is not None and held != kernel:
+        raise InputError(f"{into!r} holds {held}x{held} filters; a DB holds one kernel size, "
+                         f"so {kernel}x{kernel} filters cannot be added (ingest with kernel "
+                         f"{held}, or into another target)")
     seen = set()
     if meta is not None and "model_sha256" in meta.columns:
         seen = set(meta["model_sha256"].dropna().astype(str))
@@ -315,9 +348,10 @@ def ingest(
                              f"{info.sha256[:12]}); pass `force` to add it again")
         seen.add(info.sha256)
         f = {**fields, **side.get(os.path.basename(info.path), {})}
-        table, w = model_table(info, next_id, pos, f)
+        table, w = model_table(info, next_id, pos, f, kernel)
         if table is None:
-            warnings.warn(f"{info.path!r} has no 3x3 conv kernels; skipped", stacklevel=2)
+            warnings.warn(f"{info.path!r} has no {kernel}x{kernel} conv kernels; skipped",
+                          stacklevel=2)
             skipped.append(info.path)
             continue
         tables.append(table)
@@ -326,7 +360,8 @@ def ingest(
         pos += len(w)
         next_id += 1
     if not tables:
-        raise InputError("none of the models has 3x3 conv kernels; nothing was added")
+        raise InputError(f"none of the models has {kernel}x{kernel} conv kernels; nothing was "
+                         "added")
     new = pd.concat(tables, ignore_index=True)
     # an operator or kernel shape a model lacks occurs 0 times in it, not "unknown"
     counted = set().union(*(i.op_counts for i in infos), *(i.kernel_counts() for i in infos))
@@ -336,7 +371,7 @@ def ingest(
     if kind in ("new-h5", "h5"):
         _append_h5(into, meta, new, x)
     else:
-        _append_store(into, meta, new, x, kind)
+        _append_store(into, meta, new, x, kind, kernel)
     return IngestResult(into, added, skipped, len(x), len(new))
 
 
@@ -359,8 +394,9 @@ def _append_h5(path: str, meta, new: pd.DataFrame, x: np.ndarray) -> None:
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             with h5py.File(tmp, "w-") as f:  # never through a file placed at that name
-                f.create_dataset("filter", data=x.astype(np.float32), maxshape=(None, 9),
-                                 chunks=(min(len(x), 1 << 16), 9))
+                d = x.shape[1]
+                f.create_dataset("filter", data=x.astype(np.float32), maxshape=(None, d),
+                                 chunks=(min(len(x), 1 << 16), d))
                 write_meta(f, _combined_meta(None, new), meta_format="table")
             os.replace(tmp, path)
         except BaseException:
@@ -382,7 +418,8 @@ def _append_h5(path: str, meta, new: pd.DataFrame, x: np.ndarray) -> None:
         write_meta(f, _combined_meta(meta, new), meta_format=fmt)
 
 
-def _append_store(path: str, meta, new: pd.DataFrame, x: np.ndarray, kind: str) -> None:
+def _append_store(path: str, meta, new: pd.DataFrame, x: np.ndarray, kind: str,
+                  kernel: int = FILTER_K) -> None:
     """Plan the new rows' chunks, then append them through the store format (locked)."""
     from filterdb_dask import config
     from filterdb_dask import storeformat as fmt
@@ -394,8 +431,8 @@ def _append_store(path: str, meta, new: pd.DataFrame, x: np.ndarray, kind: str) 
     if kind == "new-store":
         target = config.get("convert.chunk-filters")
         new_store = {"dtype": "float32", "codec": config.get("convert.codec"),
-                     "target_chunk_filters": target,
-                     "source": {"path": None, "name": "filter", "shape": [0, 9],
+                     "target_chunk_filters": target, "kernel": int(kernel),
+                     "source": {"path": None, "name": "filter", "shape": [0, kernel * kernel],
                                 "dtype": "float32", "fingerprint": "ingest"}}
         n0, old_plan = 0, np.zeros((0, 2), np.int64)
     else:

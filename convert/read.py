@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from filterdb_dask.errors import InputError, UnsafePickleError
+from filterdb_dask.storeformat import MAX_KERNEL, MIN_KERNEL
 
 from .safepickle import decode
 
@@ -38,7 +39,7 @@ class Source:
     ----------
     path : the file.
     name : the filter dataset's name ('filter' or 'filters').
-    shape : its HDF5 shape, ``(N, 9)`` or ``(N, 3, 3)``.
+    shape : its HDF5 shape, ``(N, K²)`` or ``(N, K, K)`` (the published DB: K = 3).
     dtype : its dtype.
     meta : the meta table as a DataFrame (original index and columns, cleaned
         ``Task``), plus int64 columns ``start`` and ``stop`` (rows ``[start, stop)``).
@@ -56,6 +57,11 @@ class Source:
     @property
     def n_filters(self) -> int:
         return int(self.shape[0])
+
+    @property
+    def kernel(self) -> int:
+        """K of the K×K filters."""
+        return kernel_of_shape(self.shape)
 
 
 # ----------------------------------------------------------------------------- open
@@ -181,6 +187,21 @@ def check_storage(dset: h5py.Dataset, *, max_bytes: int | None = None) -> None:
             )
 
 
+def kernel_of_shape(shape) -> int | None:
+    """K of a filter dataset of shape ``(N, K²)`` or ``(N, K, K)``, K in
+    ``MIN_KERNEL..MAX_KERNEL``; None for any other shape (not square, too large)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 3 and shape[1] == shape[2]:
+        k = shape[1]
+    elif len(shape) == 2 and shape[1] > 0:
+        k = math.isqrt(shape[1])
+        if k * k != shape[1]:
+            return None
+    else:
+        return None
+    return k if MIN_KERNEL <= k <= MAX_KERNEL else None
+
+
 def has_link(group: h5py.Group, name: str) -> bool:
     """Whether ``group`` has a link ``name`` (of any kind), without following it."""
     return "/" not in name and group.id.links.exists(name.encode("utf-8"))
@@ -204,12 +225,11 @@ def find_filters(f: h5py.File, path: str, name: str | None = None) -> h5py.Datas
     if not isinstance(dset, h5py.Dataset):
         raise InputError(f"{path!r}: {names[0]!r} is a group, not a dataset")
     shape = dset.shape
-    if not (
-        (len(shape) == 2 and shape[1] == 9) or (len(shape) == 3 and shape[1:] == (3, 3))
-    ):
+    if kernel_of_shape(shape) is None:
         raise InputError(
-            f"{path!r}: filter dataset {names[0]!r} has shape {shape!r}; "
-            "expected (N, 9) or (N, 3, 3)"
+            f"{path!r}: filter dataset {names[0]!r} has shape {shape!r}; expected square "
+            f"K×K filters, (N, K²) or (N, K, K) with K in {MIN_KERNEL}..{MAX_KERNEL} "
+            "(the published DB: (N, 9) or (N, 3, 3))"
         )
     if dset.dtype not in FLOAT_DTYPES:
         raise InputError(
@@ -626,8 +646,8 @@ def read_source(path: str, *, name: str | None = None) -> Source:
 
 
 def read_rows(path: str, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows ``[start, stop)`` of the filter dataset as an (n, 9) array."""
+    """Rows ``[start, stop)`` of the filter dataset as an (n, K²) array."""
     with h5py.File(path, "r", locking=False) as f:
         d = node(f, name)  # re-checked: the file may have changed since read_source
         out = d[start:stop]
-    return out.reshape(stop - start, 9)
+    return out.reshape(stop - start, -1)

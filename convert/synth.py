@@ -76,18 +76,29 @@ class LayerSpec:
     kind: str  # "normal", "depthwise", "dead", "lowrank", "zero"
 
 
-def _dct_basis() -> np.ndarray:
-    """Orthonormal 3x3 DCT-II basis, one flattened image per row, by frequency."""
-    k = np.arange(3)
-    c = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / 6)
-    c[0] /= np.sqrt(3)
-    c[1:] *= np.sqrt(2 / 3)
-    basis = np.einsum("ui,vj->uvij", c, c).reshape(9, 9)
+def _dct_basis(kernel: int = 3) -> np.ndarray:
+    """Orthonormal KxK DCT-II basis, one flattened image per row, by frequency."""
+    k = np.arange(kernel)
+    c = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * kernel))
+    c[0] /= np.sqrt(kernel)
+    c[1:] *= np.sqrt(2 / kernel)
+    d = kernel * kernel
+    basis = np.einsum("ui,vj->uvij", c, c).reshape(d, d)
     freq = (k[:, None] + k[None, :]).ravel()
     return basis[np.argsort(freq, kind="stable")]
 
 
 _BASIS = _dct_basis()
+
+
+def _basis(kernel: int) -> np.ndarray:
+    return _BASIS if kernel == 3 else _dct_basis(kernel)
+
+
+def _frequencies(kernel: int) -> np.ndarray:
+    """u + v of each basis image, in the basis order (0, 1, 1, 2, 2, 2, 3, 3, 4 for 3x3)."""
+    k = np.arange(kernel)
+    return np.sort((k[:, None] + k[None, :]).ravel(), kind="stable").astype(np.float64)
 
 
 def _model_sizes(n_filters: int, n_models: int, rng: np.random.Generator) -> np.ndarray:
@@ -191,7 +202,8 @@ def model_meta(n_models: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("model_id")
 
 
-def build_meta(layers: list[LayerSpec], models: pd.DataFrame, seed: int) -> pd.DataFrame:
+def build_meta(layers: list[LayerSpec], models: pd.DataFrame, seed: int,
+               kernel: int = 3) -> pd.DataFrame:
     """The ``/meta`` table: one row per layer, MultiIndex, inclusive filter ids."""
     rng = np.random.default_rng([seed, 2])
     sizes = np.array([lay.n for lay in layers], dtype=np.int64)
@@ -206,11 +218,11 @@ def build_meta(layers: list[LayerSpec], models: pd.DataFrame, seed: int) -> pd.D
     df = df.join(models, on="model_id")
     totals = df.groupby("model_id")["filter_ids"].transform("size")
     per_model = pd.Series(sizes).groupby(df["model_id"]).transform("sum")
-    # models also hold non-3x3 kernels; their 3x3 share is below one
+    # models also hold kernels of other sizes; their KxK share is below one
     extra = rng.integers(0, 3, size=len(df)) * 64
     df["total_filters"] = (per_model + pd.Series(extra).groupby(df["model_id"]).transform("sum"))
-    df["3x3_filter_share"] = per_model / df["total_filters"]
-    df["(3, 3) filters"] = per_model
+    df[f"{kernel}x{kernel}_filter_share"] = per_model / df["total_filters"]
+    df[f"({kernel}, {kernel}) filters"] = per_model
     df["(1, 1) filters"] = pd.Series(extra).groupby(df["model_id"]).transform("sum")
     df["depth"] = totals * 3
     for op in OPERATORS:
@@ -218,37 +230,40 @@ def build_meta(layers: list[LayerSpec], models: pd.DataFrame, seed: int) -> pd.D
     return df.set_index(["model_id", "conv_depth", "conv_depth_norm"])
 
 
-def _layer_style(spec: LayerSpec, task: str, cat: str) -> tuple[np.ndarray, np.ndarray]:
+def _layer_style(spec: LayerSpec, task: str, cat: str,
+                 kernel: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Mean and spread of the DCT coefficients for one layer's filters."""
     t = TASKS.index(task) if task in TASKS else 0
     c = CATEGORIES.index(cat) if cat in CATEGORIES else 0
-    freq = np.array([0, 1, 1, 2, 2, 2, 3, 3, 4], dtype=np.float64)
+    freq = _frequencies(kernel)
     # shallow layers are smooth and structured; deep ones flatter and noisier
     decay = 1.2 - 0.9 * spec.conv_depth_norm - 0.08 * t + 0.05 * c
     std = np.exp(-max(decay, 0.05) * freq)
-    mean = np.zeros(9)
+    mean = np.zeros(kernel * kernel)
     mean[0] = 0.6 * math.cos(0.7 * c + 0.4 * t) * (1 - 0.6 * spec.conv_depth_norm)
     mean[1] = 0.25 * math.sin(0.9 * t + c)
     return mean, std
 
 
 def _layer_filters(
-    spec: LayerSpec, task: str, cat: str, seed: int, layer_no: int
+    spec: LayerSpec, task: str, cat: str, seed: int, layer_no: int, kernel: int = 3
 ) -> Iterator[np.ndarray]:
-    """Yield the float64 (n, 9) filters of one layer in pieces of at most PIECE rows."""
-    mean, std = _layer_style(spec, task, cat)
+    """Yield the float64 (n, K²) filters of one layer in pieces of at most PIECE rows."""
+    mean, std = _layer_style(spec, task, cat, kernel)
+    d = kernel * kernel
+    basis = _basis(kernel)
     scale_rng = np.random.default_rng([seed, 3, layer_no])
     scale = scale_rng.lognormal(-2.0, 0.7)
     for p, a in enumerate(range(0, spec.n, PIECE)):
         m = min(PIECE, spec.n - a)
         rng = np.random.default_rng([seed, 4, layer_no, p])
         if spec.kind == "zero":
-            yield np.zeros((m, 9))
+            yield np.zeros((m, d))
             continue
-        coef = rng.standard_normal((m, 9)) * std + mean
+        coef = rng.standard_normal((m, d)) * std + mean
         if spec.kind == "lowrank":
             coef[:, 2:] = 0.0
-        w = coef @ _BASIS * scale
+        w = coef @ basis * scale
         if spec.kind == "depthwise":
             w *= 1.5
         if spec.kind == "dead":
@@ -258,13 +273,14 @@ def _layer_filters(
 
 
 def iter_filters(
-    layers: list[LayerSpec], models: pd.DataFrame, seed: int
+    layers: list[LayerSpec], models: pd.DataFrame, seed: int, kernel: int = 3
 ) -> Iterator[np.ndarray]:
-    """Stream all filters of the synthetic DB in row order, float64 (m, 9) pieces."""
+    """Stream all filters of the synthetic DB in row order, float64 (m, K²) pieces."""
     task = models["Task"].to_dict()
     cat = models["Visual Category"].to_dict()
     for i, spec in enumerate(layers):
-        yield from _layer_filters(spec, task[spec.model_id], cat[spec.model_id], seed, i)
+        yield from _layer_filters(spec, task[spec.model_id], cat[spec.model_id], seed, i,
+                                  kernel)
 
 
 def synthesize(
@@ -277,6 +293,7 @@ def synthesize(
     name: str = "filter",
     meta_format: str = "fixed",
     progress=None,
+    kernel: int = 3,
 ) -> pd.DataFrame:
     """Write a synthetic ``dataset.h5`` and return its meta table.
 
@@ -285,7 +302,8 @@ def synthesize(
     path : output file; written to ``path + '.tmp'`` and renamed when complete.
     n_filters, n_models : exact filter count and model count.
     seed : same seed, same bytes.
-    layout : 'flat32' (float32 ``(N, 9)``) or 'cube64' (float64 ``(N, 3, 3)``).
+    layout : 'flat32' (float32 ``(N, K²)``) or 'cube64' (float64 ``(N, K, K)``), ...
+    kernel : K of the KxK filters (3: the published DB's size).
     name : 'filter' (published README) or 'filters' (authors' notebook).
     meta_format : 'fixed' or 'table' (``pandas.HDFStore`` formats).
     progress : optional callable ``(done_rows, total_rows)``.
@@ -296,17 +314,21 @@ def synthesize(
     """
     if layout not in FILTER_LAYOUTS:
         raise InputError(f"layout {layout!r} is not one of {sorted(FILTER_LAYOUTS)}")
+    from filterdb_dask.convert.ingest import validate_kernel
+
+    kernel = validate_kernel(kernel)
     layers = plan_layers(n_filters, n_models, seed)
     models = model_meta(n_models, seed)
-    meta = build_meta(layers, models, seed)
+    meta = build_meta(layers, models, seed, kernel)
     write_dataset(
         path,
-        iter_filters(layers, models, seed),
+        iter_filters(layers, models, seed, kernel),
         n_filters,
         meta,
         layout=layout,
         name=name,
         meta_format=meta_format,
         progress=progress,
+        kernel=kernel,
     )
     return meta

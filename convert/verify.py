@@ -30,11 +30,12 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_chunk(store_path, i, a, b, dtype, codec, marks, crc32, src_path, src_name):
-    problems, y = fmt.check_chunk(store_path, i, a, b, dtype, codec, marks, crc32)
+def _check_chunk(store_path, i, a, b, dtype, codec, marks, crc32, src_path, src_name,
+                 width=9):
+    problems, y = fmt.check_chunk(store_path, i, a, b, dtype, codec, marks, crc32, width)
     if src_path is not None and y is not None:
         x = np.ascontiguousarray(read_rows(src_path, src_name, a, b), dtype=dtype)
-        bad = np.nonzero(~np.all(x.reshape(len(x), 9) == y, axis=1))[0]
+        bad = np.nonzero(~np.all(x.reshape(len(x), width) == y, axis=1))[0]
         if len(bad):
             rows = ", ".join(str(a + r) for r in bad[:5])
             problems.append(
@@ -71,6 +72,11 @@ def verify(store: str, source: str | None = None, *, verbosity: int | None = Non
     if source is not None:
         src = read_source(source, name=rec.source["name"])
         src_path, src_name = src.path, src.name
+        if src.kernel != rec.kernel:
+            report.problems.append(
+                f"source holds {src.kernel}x{src.kernel} filters, the store "
+                f"{rec.kernel}x{rec.kernel}")
+            return report
         if src.n_filters != rec.n_filters:
             report.problems.append(
                 f"source holds {src.n_filters} filters, the store {rec.n_filters}"
@@ -79,7 +85,7 @@ def verify(store: str, source: str | None = None, *, verbosity: int | None = Non
     tasks = [
         dask.delayed(_check_chunk, pure=True)(
             loc, i, int(a), int(b), rec.dtype, rec.codec, rec.chunk_marks(i),
-            int(rec.checksums[i]), src_path, src_name,
+            int(rec.checksums[i]), src_path, src_name, rec.width,
         )
         for i, (a, b) in enumerate(rec.chunks)
     ]

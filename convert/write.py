@@ -71,7 +71,7 @@ def _read_hashed(src_path: str, name: str, a: int, b: int) -> tuple[np.ndarray, 
 # ----------------------------------------------------------------------- tasks
 def _write_chunk(
     store_path: str | fmt.Location, src_path: str, name: str, i: int, a: int, b: int,
-    dtype: str, codec: str,
+    dtype: str, codec: str, width: int = 9,
 ):
     """Read, check and write chunk ``i``; returns (i, mark, n_bad, first bad rows)."""
     x, digest = _read_hashed(src_path, name, a, b)
@@ -84,7 +84,8 @@ def _write_chunk(
         if not finite.all():
             bad = np.nonzero(~finite)[0]
             return i, None, int((~np.isfinite(x)).sum()), (bad[:5] + a).tolist()
-    mark = fmt.write_chunk(store_path, i, x.reshape(len(x), 9), a, b, dtype, codec, digest)
+    mark = fmt.write_chunk(store_path, i, x.reshape(len(x), width), a, b, dtype, codec, digest,
+                           width)
     return i, mark, 0, []
 
 
@@ -149,6 +150,7 @@ def convert(
     meta["chunk"] = chunk_layers(plan, meta["start"].to_numpy(), meta["stop"].to_numpy())
     wanted = fmt.StoreRecord(
         n_filters=src.n_filters, n_layers=len(meta), dtype=store_dtype.name, codec=codec,
+        kernel=src.kernel,
         target_chunk_filters=int(chunk_filters), chunks=plan,
         unreferenced_filters=src.unreferenced,
         source={"path": os.path.abspath(src.path), "name": src.name,
@@ -171,7 +173,8 @@ def convert(
                     src_path, src.name, i, int(a), int(b), done[i].source_sha256))
             else:
                 tasks.append(dask.delayed(_write_chunk, pure=False)(
-                    loc, src_path, src.name, i, int(a), int(b), store_dtype.name, codec))
+                    loc, src_path, src.name, i, int(a), int(b), store_dtype.name, codec,
+                    src.kernel ** 2))
         ex = cluster.ensure(execution, verbosity)
         if ex.client is None:  # computed in this process: chunk buffers from the heap
             cluster.tune_allocator()

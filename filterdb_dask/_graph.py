@@ -33,7 +33,7 @@ def map_chunks(
     list of dask arrays, one per output.
     """
     if filters.numblocks[1] != 1:
-        raise ValueError("filters must have a single chunk along the 9 values")
+        raise ValueError("filters must have a single chunk along the K² values")
     n = filters.numblocks[0]
     if len(per_chunk_args) != n:
         raise ValueError(f"{len(per_chunk_args)} argument sets for {n} chunks")

@@ -127,8 +127,9 @@ def layer_histograms(
 
     Returns
     -------
-    (hist, fine): dask arrays (n_layers, 9, bins) uint32, rows in chunk order (put them
-    in meta order with ``store.to_meta_order``), and (n_groups, 9, F) int64,
+    (hist, fine): dask arrays (n_layers, D, bins) uint32 (D = K² components), rows in
+    chunk order (put them in meta order with ``store.to_meta_order``), and
+    (n_groups, D, F) int64,
     F = bins * ceil(fine_bins / bins). ``None`` options take the package config's
     values (:mod:`filterdb_dask.config`).
     """
@@ -148,13 +149,14 @@ def layer_histograms(
     bounds = store.chunk_bounds()
     per_chunk = list(zip(bounds, store.per_chunk(layer_groups), strict=True))
     n = store.filters.numblocks[0]
+    d = store.filters.shape[1]
     hist, fine = map_chunks(
         _histogram_task,
         store.filters,
         per_chunk,
         outputs=[
-            ([len(b) for b in bounds], (9, bins), np.uint32),
-            ([1] * n, (n_groups, 9, len(fedges) - 1), np.int64),
+            ([len(b) for b in bounds], (d, bins), np.uint32),
+            ([1] * n, (n_groups, d, len(fedges) - 1), np.int64),
         ],
         name="layer-histograms",
         common_args=(pca.mean, pca.components, edges, n_groups, fedges, engine),

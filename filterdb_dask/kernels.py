@@ -327,13 +327,14 @@ def entropy_norm(n: np.ndarray | float, d: int = 9) -> np.ndarray:
     D = 9 (3×3): the published logistic fit ``T(n)`` of the largest variance
     entropy. Any other D: ``log10(min(n - 1, D))``, the largest variance entropy
     ``n`` filters in D dimensions can have (at most ``min(n - 1, D)`` non-zero
-    variances, all equal); NaN for n < 2 (docs/method.md §7).
+    variances, all equal); NaN for n < 3, whose entropy is always 0 (one direction at
+    most), so its normalised value is undefined (docs/method.md §7).
     """
     n = np.asarray(n, dtype=np.float64)
     if int(d) != 9:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rank = np.minimum(n - 1.0, float(d))
-            return np.where(rank >= 1.0, np.log10(np.where(rank >= 1.0, rank, 1.0)), np.nan)
+        rank = np.minimum(n - 1.0, float(d))
+        ok = rank >= 2.0
+        return np.where(ok, np.log10(np.where(ok, rank, 2.0)), np.nan)
     ll, x0, k, b = ENTROPY_FIT
     with np.errstate(divide="ignore"):
         return ll / (1.0 + np.exp(-k * (np.log2(n) - x0))) + b

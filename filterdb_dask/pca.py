@@ -1,7 +1,8 @@
 """PCA of the scaled filters from mergeable per-layer moments (docs/method.md §2-3).
 
-Pass 1 computes, per layer, the count, mean and centred 9x9 scatter of the
-scaled filters (plus the layer-quality statistics, which need the same pass).
+Pass 1 computes, per layer, the count, mean and centred D×D scatter (D = K², 9
+for 3×3 filters) of the scaled filters (plus the layer-quality statistics, which need
+the same pass).
 Merging them exactly (Chan et al.) gives the global PCA and the PCA of any
 selection of layers without another pass over the filters.
 
@@ -65,16 +66,17 @@ def layer_stats(store, *, engine: str = "auto"):
 
     Returns
     -------
-    dask array (n_layers, kernels.N_STATS) float64, rows in chunk order (put them
-    in meta order with ``store.to_meta_order``).
+    dask array (n_layers, D² + D + 5) float64 (``kernels.stat_layout``; N_STATS for
+    3×3), rows in chunk order (put them in meta order with ``store.to_meta_order``).
     """
     get_kernels(engine)  # validate before building
     bounds = store.chunk_bounds()
+    width = kernels.stat_layout(store.filters.shape[1]).size
     (stats,) = map_chunks(
         _stats_task,
         store.filters,
         [(b,) for b in bounds],
-        outputs=[([len(b) for b in bounds], (kernels.N_STATS,), np.float64)],
+        outputs=[([len(b) for b in bounds], (width,), np.float64)],
         name="layer-stats",
         common_args=(engine,),
     )
@@ -94,22 +96,22 @@ def pca_from_stats(stats: np.ndarray, select: np.ndarray | None = None) -> PCA:
     PCA
     """
     s = stats if select is None else stats[select]
-    n, mean, m2 = kernels.moments_combine(
-        s[:, kernels.STAT_N], s[:, kernels.STAT_MEAN], s[:, kernels.STAT_M2]
-    )
+    lay = kernels.stat_layout(kernels.stats_dim(stats))
+    n, mean, m2 = kernels.moments_combine(s[:, lay.n], s[:, lay.mean], s[:, lay.m2])
     return PCA.from_moments(n, mean, m2)
 
 
 def group_covariances(stats: np.ndarray, codes: np.ndarray, n_groups: int):
     """Count, mean and covariance of the scaled filters of each group of layers."""
+    d = kernels.stats_dim(stats)
+    lay = kernels.stat_layout(d)
     counts = np.zeros(n_groups)
-    means = np.zeros((n_groups, 9))
-    covs = np.full((n_groups, 9, 9), np.nan)
+    means = np.zeros((n_groups, d))
+    covs = np.full((n_groups, d, d), np.nan)
     for g in range(n_groups):
         sel = codes == g
         n, mu, m2 = kernels.moments_combine(
-            stats[sel, kernels.STAT_N], stats[sel, kernels.STAT_MEAN],
-            stats[sel, kernels.STAT_M2],
+            stats[sel, lay.n], stats[sel, lay.mean], stats[sel, lay.m2],
         )
         counts[g], means[g] = n, mu
         if n > 1:

@@ -192,7 +192,8 @@ def quality_table(
     df = df[list(QUALITY_COLUMNS)]
     eps = normalize_sparsity_eps(sparsity_eps)
     if sweep is not None and eps:
-        per = kernels.sparsity_sweep_finalize(stats[:, kernels.STAT_N], np.asarray(sweep))
+        per = kernels.sparsity_sweep_finalize(stats[:, kernels.STAT_N], np.asarray(sweep),
+                                              kernels.stats_dim(stats))
         extra = {f"{name}@{eps_label(e)}": per[name][:, k]
                  for name in per for k, e in enumerate(eps)}
         df = pd.concat([df, pd.DataFrame(extra, index=df.index)], axis=1)

@@ -38,6 +38,10 @@ MAX_SIDE_PX = 2400
 MAX_FIG_INCHES = 18.0
 #: vertical extent of a ridge curve's highest point, in rows (curves overlap the row above)
 RIDGE_OVERLAP = 1.5
+#: components drawn per PCA in the eigenimage figure (a 3x3 PCA has 9: all drawn)
+MAX_EIGENIMAGES = 16
+#: coefficient panels of a ridge figure (the first ones; a 3x3 PCA has 9: all drawn)
+RIDGE_COMPONENTS = 9
 #: density image lower limit (docs/method.md §6: log colour scale from 1e-5)
 DENSITY_VMIN = 1e-5
 
@@ -130,7 +134,7 @@ def _annotate(ax, im, m: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------- plotted arrays
 def covariance_matrix(pca) -> np.ndarray:
-    """Σ of the scaled filters, (9, 9): ``componentsᵀ · diag(explained_variance) · components``.
+    """Σ of the scaled filters, (D, D): ``componentsᵀ · diag(explained_variance) · components``.
 
     This is scikit-learn's ``PCA.get_covariance()`` for a full-rank PCA (no noise
     term), i.e. the n−1 covariance of pass 1 recovered from its eigendecomposition.
@@ -141,7 +145,7 @@ def covariance_matrix(pca) -> np.ndarray:
 
 
 def cumulative_ratio(ratio) -> np.ndarray:
-    """Cumulative explained variance ratio, (9,)."""
+    """Cumulative explained variance ratio, (D,)."""
     return np.cumsum(np.asarray(ratio, dtype=np.float64))
 
 
@@ -154,7 +158,7 @@ def aligned_components(components, reference) -> tuple[np.ndarray, np.ndarray]:
 
     Returns
     -------
-    ``(aligned (9, 9), flipped (9,) bool)``.
+    ``(aligned (D, D), flipped (D,) bool)``.
     """
     c = np.asarray(components, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
@@ -167,7 +171,7 @@ def aligned_components(components, reference) -> tuple[np.ndarray, np.ndarray]:
 def eigenimage_rows(pca, subsets: dict) -> tuple[dict[str, np.ndarray], int]:
     """Rows of the eigenimage figure: global components, then each subset aligned.
 
-    Returns the rows (name -> (9, 9)) and the number of subset components flipped.
+    Returns the rows (name -> (D, D)) and the number of subset components flipped.
     """
     ref = np.asarray(pca.components, dtype=np.float64)
     rows = {"all filters": ref}
@@ -192,7 +196,7 @@ def density_image(counts: np.ndarray) -> np.ndarray:
 
 
 def ridge_heights(density: np.ndarray) -> np.ndarray:
-    """Ridge curves as drawn, (G, 9, F): each divided by the largest in its column."""
+    """Ridge curves as drawn, (G, D, F): each divided by the largest in its column."""
     d = np.asarray(density, dtype=np.float64)
     peak = d.max(axis=(0, 2), keepdims=True)
     return np.divide(d, peak, out=np.zeros_like(d), where=peak > 0)
@@ -210,8 +214,20 @@ def fire_cmap():
     return fire.with_extremes(bad=fire(0.0), under=fire(0.0))
 
 
-def entropy_note(sizes=(2, 3, 4, 5, 6)) -> str:
-    """Why normalised variance entropy exceeds 1 for tiny layers, with T(n) values."""
+def entropy_note(sizes=(2, 3, 4, 5, 6), d: int = 9) -> str:
+    """Why normalised variance entropy exceeds 1 for tiny layers, with T(n) values;
+    for filters of ``d`` != 9 values, the normaliser used instead."""
+    if d != 9:
+        k = int(round(d ** 0.5))
+        return (
+            f"Filters are {k}x{k} (D = {d} values). The variance entropy (base 10) of n "
+            f"filters is at most log10(min(n−1, {d})) (n filters centred on their mean span "
+            f"at most n−1 of the {d} directions); the normalised variance entropy divides "
+            f"by exactly that bound, log10(min(n−1, {d})) = {np.log10(d):.3f} for n > {d}, "
+            "so it lies in [0, 1] (1: variance spread evenly over every direction the layer "
+            "can span). The paper's logistic fit T(n) is fitted to 3x3 filters only and is "
+            "not used for other kernel sizes. NaN for n < 3 (at most one direction: entropy 0)."
+        )
     parts = []
     for n in sizes:
         t = float(kernels.entropy_norm(n))
@@ -238,7 +254,7 @@ def _fig_size(w: float, h: float) -> tuple[float, float]:
 def fig_explained_variance(pca, subsets: dict):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    k = np.arange(1, 10)
+    k = np.arange(1, len(pca.explained_variance_ratio) + 1)
     ax.plot(k, cumulative_ratio(pca.explained_variance_ratio), "o-", lw=2.5, color="k",
             label="all filters")
     for name, sp in subsets.items():
@@ -249,7 +265,7 @@ def fig_explained_variance(pca, subsets: dict):
     ax.set_xlabel("number of components")
     ax.set_ylabel("cumulative explained variance ratio")
     ax.set_ylim(0, 1.02)
-    ax.set_xticks(k)
+    ax.set_xticks(k if len(k) <= 12 else k[::max(1, len(k) // 12)])
     ax.grid(alpha=0.3)
     n = len(ax.get_lines())
     if n <= 30:
@@ -257,24 +273,35 @@ def fig_explained_variance(pca, subsets: dict):
     return fig
 
 
+def eigenimage_count(d: int) -> int:
+    """Components drawn per PCA in the eigenimage figure: all of a 3x3 PCA's 9, at most
+    ``MAX_EIGENIMAGES`` (the largest) of a larger kernel's K²."""
+    return min(int(d), MAX_EIGENIMAGES)
+
+
 def fig_eigenimages(rows: dict[str, np.ndarray]):
-    """Components as 3x3 images, one row per PCA; the first row is the global PCA.
+    """Components as KxK images, one row per PCA; the first row is the global PCA.
 
     Every later row is drawn sign-aligned to the first (:func:`aligned_components`).
+    Kernels larger than 3x3 show their first :func:`eigenimage_count` components.
     """
     plt = _plt()
     ref = np.asarray(next(iter(rows.values())), dtype=np.float64)
     rows = {name: (c if r == 0 else aligned_components(c, ref)[0])
             for r, (name, c) in enumerate(rows.items())}
     n = len(rows)
-    fig, axes = plt.subplots(n, 9, figsize=_fig_size(9, 1.0 * n + 0.6), squeeze=False,
-                             layout="constrained")
+    d = ref.shape[1]
+    kk = int(round(d ** 0.5))
+    m = eigenimage_count(d)
+    fig, axes = plt.subplots(n, m, figsize=_fig_size(max(9, 0.62 * m), 1.0 * n + 0.6),
+                             squeeze=False, layout="constrained")
     im = None
     names = short_labels(rows)
     for r, comps in enumerate(rows.values()):
-        for k in range(9):
+        for k in range(m):
             ax = axes[r, k]
-            im = ax.imshow(np.asarray(comps[k]).reshape(3, 3), cmap="RdBu_r", vmin=-1, vmax=1)
+            im = ax.imshow(np.asarray(comps[k]).reshape(kk, kk), cmap="RdBu_r", vmin=-1,
+                           vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -285,14 +312,20 @@ def fig_eigenimages(rows: dict[str, np.ndarray]):
 
 
 def fig_covariance(sigma: np.ndarray):
-    """Σ of the scaled filters (9×9), symmetric diverging scale, every cell annotated."""
+    """Σ of the scaled filters (D×D), symmetric diverging scale; every cell annotated
+    up to 9×9 (3x3 filters)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 4.8), layout="constrained")
+    d = len(sigma)
+    fig, ax = plt.subplots(figsize=(5.6, 4.8) if d <= 9 else (7.5, 6.4), layout="constrained")
     top = float(np.abs(sigma).max()) or 1.0
     im = ax.imshow(sigma, cmap="RdBu_r", vmin=-top, vmax=top)
-    ax.set_xticks(range(9), [f"x{k}" for k in range(9)], fontsize=7)
-    ax.set_yticks(range(9), [f"x{k}" for k in range(9)], fontsize=7)
-    _annotate(ax, im, sigma)
+    step = 1 if d <= 25 else 2
+    fs = 7 if d <= 9 else 5
+    ax.set_xticks(range(0, d, step), [f"x{k}" for k in range(0, d, step)], fontsize=fs,
+                  rotation=90 if d > 9 else 0)
+    ax.set_yticks(range(0, d, step), [f"x{k}" for k in range(0, d, step)], fontsize=fs)
+    if d <= 9:
+        _annotate(ax, im, sigma)
     ax.set_title("covariance Σ of the scaled filters")
     fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
@@ -324,8 +357,10 @@ def fig_ridge(x, dens, labels, title):
     g = len(labels)
     h = ridge_heights(dens)
     names = short_labels(labels)
-    fig, axes = plt.subplots(1, 9, figsize=_fig_size(14, 0.38 * g + 1.4), sharex=True,
-                             sharey=True, layout="constrained")
+    m = min(dens.shape[1], RIDGE_COMPONENTS)
+    fig, axes = plt.subplots(1, m, figsize=_fig_size(14, 0.38 * g + 1.4), sharex=True,
+                             sharey=True, layout="constrained", squeeze=False)
+    axes = axes[0]
     offsets = np.arange(g)[::-1].astype(float)  # first group on top
     for k, ax in enumerate(axes):
         for i in range(g):  # lower rows drawn later, over the tails of the rows above
@@ -623,16 +658,22 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
     _save(fig_explained_variance(pca, subsets), plots, "explained_variance", plots_dir)
     captions["explained_variance"] = "Cumulative explained variance: all filters and subsets."
     eig, n_flipped = eigenimage_rows(pca, subsets)
+    d = len(pca.mean)
+    kk = res.kernel
+    shown = eigenimage_count(d)
     _save(fig_eigenimages(eig), plots, "eigenimages", plots_dir)
     captions["eigenimages"] = (
-        "Eigenimages (principal components as 3x3 images, scale -1..1), c0 the largest. "
+        f"Eigenimages (principal components as {kk}x{kk} images, scale -1..1), c0 the "
+        "largest" + (f"; the first {shown} of {d} are drawn (all are in pca.json). "
+                     if shown < d else ". ") +
         "A component's sign is arbitrary: for display each subset component is flipped to "
         "agree in sign with the global component closest to it (largest |cosine|); "
         f"{n_flipped} subset components were flipped. pca_subsets.json keeps the computed "
         "signs (largest-|entry| positive).")
     _save(fig_covariance(covariance_matrix(pca)), plots, "coef_covariance", plots_dir)
     captions["coef_covariance"] = (
-        "Covariance matrix Σ of the scaled filters (9 weights x0..x8, n−1 denominator), "
+        f"Covariance matrix Σ of the scaled filters ({d} weights x0..x{d - 1}, row-major "
+        f"over the {kk}x{kk} kernel, n−1 denominator), "
         "as scikit-learn's PCA.get_covariance() gives it: componentsᵀ·diag(explained "
         "variance)·components.")
 
@@ -666,7 +707,9 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
                     "coefficient (KDEpy's rule). Heights: every curve is divided by the "
                     "largest density in its column, so rows of one column compare; a "
                     "curve's peak rises 1.5 rows. x: the global coefficient range. Full "
-                    f"group names: kl/{slug}.csv.")
+                    f"group names: kl/{slug}.csv."
+                    + (f" The first {RIDGE_COMPONENTS} of {d} coefficients are drawn."
+                       if d > RIDGE_COMPONENTS else ""))
     _save(fig_drift(matrices), plots, "drift", plots_dir)
     captions["drift"] = "Distribution of the pairwise shifts of each grouping."
     dens_counts = res.density
@@ -678,7 +721,7 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
         "drawn as the authors' notebook draws it (transposed histogram, upper origin).")
     _save(fig_quality(quality), plots, "quality", plots_dir)
     captions["quality"] = ("Variance entropy (normalised) vs sparsity, per layer; dashed: "
-                           "1. " + entropy_note())
+                           "1. " + entropy_note(d=d))
     sweep = res.degenerated_sweep()
     if sweep is not None and len(sweep):
         _save(fig_degenerated_sweep(sweep), plots, "degenerated_sweep", plots_dir)

@@ -91,6 +91,13 @@ class Results:
     orthogonality: np.ndarray | None = None
 
     @property
+    def kernel(self) -> int:
+        """K of the KxK filters analysed (the PCA has K² components)."""
+        import math
+
+        return math.isqrt(len(self.pca.mean))
+
+    @property
     def bins(self) -> int:
         """Bins of the KL histograms."""
         return len(self.bin_edges) - 1
@@ -112,7 +119,7 @@ class Results:
         return make_grouping(self.meta, by)
 
     def group_histogram(self, by: str) -> tuple[Grouping, np.ndarray]:
-        """The grouping ``by`` and its (G, 9, bins) histograms, summed over layers."""
+        """The grouping ``by`` and its (G, D, bins) histograms, summed over layers."""
         g = self.grouping(by)
         return g, group_histograms(self.layer_hist, g.codes, g.n_groups)
 
@@ -166,7 +173,7 @@ class Results:
         exact counts and standard deviations from the pass-1 moments, percentiles from
         the fine histogram).
 
-        Returns dict with ``x`` (F,), ``density`` (G, 9, F), ``bandwidth`` (G, 9),
+        Returns dict with ``x`` (F,), ``density`` (G, D, F), ``bandwidth`` (G, D),
         ``labels``.
         """
         from . import kernels
@@ -186,8 +193,8 @@ class Results:
         """Everything as one xarray Dataset (what ``results.zarr`` holds)."""
         import xarray as xr
 
-        comp = np.arange(9)
         p = self.pca
+        comp = np.arange(len(p.mean))
         data, coords, meta_spec = _encode_meta(self.meta)
         data.update({
             "mean": (("feature",), p.mean),
@@ -217,7 +224,7 @@ class Results:
             stack = np.array([getattr(self.subsets[n], key) for n in names],
                              dtype=np.float64)
             data[f"subset_{key}"] = (("subset", *dims),
-                                     stack.reshape(len(names), *([9] * len(dims))))
+                                     stack.reshape(len(names), *([len(comp)] * len(dims))))
         data["subset_n_filters"] = (("subset",), np.array(
             [self.subsets[n].n_filters for n in names], dtype=np.int64))
         q = self.quality

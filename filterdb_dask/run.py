@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", type=_positive_int, default=DEMO_MODELS, help="models")
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--layout", choices=("flat32", "cube64", "flat64", "cube32"),
-                   default="flat32", help="float32 (N, 9) or float64 (N, 3, 3) ...")
+                   default="flat32", help="float32 (N, K²) or float64 (N, K, K) ...")
+    s.add_argument("--kernel", type=int, metavar="K", default=3,
+                   help="KxK filters (default 3, the published DB's size; 5, 7, ...)")
     s.add_argument("--name", choices=("filter", "filters"), default="filter",
                    help="filter dataset name")
     s.add_argument("--meta-format", choices=("fixed", "table"), default="fixed")
@@ -315,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a meta column for every model given, e.g. epoch=5 (repeatable; "
                         "numbers are stored as numbers)")
     g.add_argument("--force", action="store_true", help="add models already in the DB")
+    g.add_argument("--kernel", type=int, metavar="K", default=None,
+                   help="take the KxK conv kernels (depthwise and grouped included) as "
+                        "filters of K² values (default: 3; 5 and 7 are the usual others); "
+                        "a DB holds one K")
     return p
 
 
@@ -334,7 +340,7 @@ def cmd_synth(args) -> int:
     rep = progress.Reporter("synth", verbosity=_verbosity(args), unit="filters")
     meta = synthesize(args.out, n_filters=args.filters, n_models=args.models, seed=args.seed,
                       layout=args.layout, name=args.name, meta_format=args.meta_format,
-                      progress=rep.update)
+                      progress=rep.update, kernel=args.kernel)
     rep.finish()
     print(f"wrote {args.out}: {args.filters:,} filters, {args.models} models, "
           f"{len(meta):,} layers")
@@ -394,6 +400,7 @@ def store_info(path: str, storage_options: dict | None = None) -> dict:
         "models": int(st.meta["model_id"].nunique()),
         "layers": len(st.meta),
         "dtype": st.record.dtype,
+        "kernel": st.kernel,
         "source": st.record.source,
         "chunks": st.n_chunks,
         "chunk_filters": {"min": int(sizes.min()), "median": int(np.median(sizes)),
@@ -413,7 +420,8 @@ def cmd_info(args) -> int:
         return 0
     src = info["source"]
     print(f"store      {info['store']}")
-    print(f"filters    {info['filters']:,} ({info['dtype']}; source {src['dtype']} "
+    print(f"filters    {info['filters']:,} {info['kernel']}x{info['kernel']} "
+          f"({info['dtype']}; source {src['dtype']} "
           f"{tuple(src['shape'])} '{src['name']}')")
     print(f"models     {info['models']:,}")
     print(f"layers     {info['layers']:,}")
@@ -518,7 +526,7 @@ def cmd_ingest(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = ingest(args.models, args.into, fields=fields, meta_file=args.meta_file,
-                     force=args.force)
+                     force=args.force, kernel=args.kernel)
     for w in caught:
         print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     print(f"added {len(res.models)} model(s), {res.layers:,} layers, {res.filters:,} filters "

@@ -31,8 +31,8 @@ class FilterStore:
     Attributes
     ----------
     path : the store directory or URL.
-    filters : dask array (N, 9), chunks = the store's model-aligned chunks; every
-        block is verified when read.
+    filters : dask array (N, K²) (K×K kernels flattened; (N, 9) for 3×3), chunks =
+        the store's model-aligned chunks; every block is verified when read.
     meta : DataFrame, one row per layer (original index and columns) plus int64
         ``start``/``stop`` rows and ``chunk``.
     plan : (K, 2) int64 ``[begin, end)`` rows of each chunk.
@@ -54,6 +54,11 @@ class FilterStore:
     @property
     def n_filters(self) -> int:
         return int(self.plan[-1, 1]) if len(self.plan) else 0
+
+    @property
+    def kernel(self) -> int:
+        """K: every filter is a K×K kernel (the record's ``kernel``)."""
+        return int(self.record.kernel)
 
     @property
     def n_chunks(self) -> int:
@@ -159,11 +164,11 @@ def open_store(path: str | os.PathLike | fmt.Location,
     name = "filters-" + tokenize(loc, rec.to_attrs())
     dsk = {
         (name, i, 0): (fmt.read_chunk, loc, i, int(a), int(b), rec.dtype, rec.codec,
-                       rec.chunk_marks(i))
+                       rec.chunk_marks(i), rec.width)
         for i, (a, b) in enumerate(plan)
     }
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     sizes = tuple(int(b - a) for a, b in plan)
-    filters = da.Array(graph, name, chunks=(sizes, (9,)), dtype=np.dtype(rec.dtype))
+    filters = da.Array(graph, name, chunks=(sizes, (rec.width,)), dtype=np.dtype(rec.dtype))
     return FilterStore(path=path, filters=filters, meta=meta, plan=plan, record=rec,
                        location=loc)

@@ -13,7 +13,8 @@ Layout (Zarr v3 directory)::
                          per chunk: CRC-32 of its values, the CRC-32C of every stored
                          Zarr chunk, SHA-256 of the source bytes it was made from;
                          SHA-256 of the meta table
-      filters/00000      (n_0, 9) filters of planned chunk 0, one Zarr array per chunk,
+      filters/00000      (n_0, K²) filters of planned chunk 0 (K×K kernels, flattened
+                         row-major; K = 3: (n_0, 9)), one Zarr array per chunk,
                          Zarr chunks of ZARR_CHUNK_ROWS rows; codecs: bytes, the
                          compressor, crc32c (any Zarr reader checks every chunk)
       filters/00001      ...
@@ -52,6 +53,9 @@ except ImportError:  # pragma: no cover - depends on the installed extras
     from zlib import crc32 as _crc32
 
 SCHEMA_VERSION = 2
+#: kernel sizes K a store can hold (K×K filters of K² values); the record's ``kernel``
+#: field (absent in stores written before it existed: 3)
+MIN_KERNEL, MAX_KERNEL = 2, 15
 ATTR_KEY = "filterdb"
 LOCK_NAME = ".filterdb-convert.lock"
 STR_NA_SUFFIX = ".isna"
@@ -238,9 +242,10 @@ def chunk_name(i: int) -> str:
 class StoreRecord:
     """The store's attributes (``zarr.json`` → ``attributes["filterdb"]``), typed.
 
-    ``chunks`` is the (K, 2) plan of ``[begin, end)`` rows; the per-chunk lists
-    (``checksums``, ``stored_crc32c``, ``source_sha256``) have K entries once the
-    store is complete.
+    ``chunks`` is the (C, 2) plan of ``[begin, end)`` rows; the per-chunk lists
+    (``checksums``, ``stored_crc32c``, ``source_sha256``) have C entries once the
+    store is complete. ``kernel`` is K: every filter is a K×K kernel of ``width``
+    = K² values (schema 2 without the field: K = 3, so older stores open as they were).
     """
 
     n_filters: int
@@ -257,6 +262,12 @@ class StoreRecord:
     source_sha256: list[str] = field(default_factory=list)
     meta_sha256: str | None = None
     appended: list[str] = field(default_factory=list)
+    kernel: int = 3
+
+    @property
+    def width(self) -> int:
+        """Values per filter, K²."""
+        return int(self.kernel) ** 2
 
     def to_attrs(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -289,6 +300,10 @@ class StoreRecord:
 
 def _validate_record(rec: StoreRecord) -> None:
     plan = rec.chunks
+    if (not isinstance(rec.kernel, int) or isinstance(rec.kernel, bool)
+            or not MIN_KERNEL <= rec.kernel <= MAX_KERNEL):
+        raise ValueError(f"kernel {rec.kernel!r} is not an integer in "
+                         f"{MIN_KERNEL}..{MAX_KERNEL}")
     if rec.dtype not in ("float32", "float64") or rec.codec not in CODECS:
         raise ValueError(f"dtype {rec.dtype!r} / codec {rec.codec!r}")
     if len(plan) and (plan[0, 0] != 0 or plan[-1, 1] != rec.n_filters
@@ -352,12 +367,13 @@ def _compressors(codec: str, typesize: int) -> list:
     return [comp, Crc32cCodec()]  # the checksum is over the stored bytes: checked first
 
 
-def _create_chunk_array(store, name: str | None, rows: int, dtype: str, codec: str):
+def _create_chunk_array(store, name: str | None, rows: int, dtype: str, codec: str,
+                        width: int = 9):
     import zarr
 
     dt = np.dtype(dtype)
     return zarr.create_array(
-        store, name=name, shape=(rows, 9), chunks=(_zarr_rows(rows), 9), dtype=dt,
+        store, name=name, shape=(rows, width), chunks=(_zarr_rows(rows), width), dtype=dt,
         compressors=_compressors(codec, dt.itemsize), overwrite=True,
         config={"write_empty_chunks": True},
     )
@@ -376,15 +392,17 @@ def _template(dtype: str, codec: str) -> str:
     return json.dumps(md)
 
 
-def expected_chunk_metadata(rows: int, dtype: str, codec: str) -> dict:
-    """The Zarr metadata (less attributes) every chunk array of ``rows`` rows has."""
+def expected_chunk_metadata(rows: int, dtype: str, codec: str, width: int = 9) -> dict:
+    """The Zarr metadata (less attributes) every chunk array of ``rows`` rows of
+    ``width`` values has."""
     md = json.loads(_template(dtype, codec))
-    md["shape"] = [rows, 9]
-    md["chunk_grid"]["configuration"]["chunk_shape"] = [_zarr_rows(rows), 9]
+    md["shape"] = [rows, width]
+    md["chunk_grid"]["configuration"]["chunk_shape"] = [_zarr_rows(rows), width]
     return md
 
 
-def _open_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str):
+def _open_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str,
+                width: int = 9):
     """Open chunk ``i``'s array and check its metadata against the record's."""
     import zarr
 
@@ -397,8 +415,8 @@ def _open_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec:
         raise StoreError(f"{where} cannot be opened ({type(exc).__name__}: {exc}); "
                          f"{_REPAIR}") from exc
     rows = md.pop("attributes").get("rows")
-    if rows != [a, b] or md != expected_chunk_metadata(b - a, dtype, codec):
-        want = expected_chunk_metadata(b - a, dtype, codec)
+    if rows != [a, b] or md != expected_chunk_metadata(b - a, dtype, codec, width):
+        want = expected_chunk_metadata(b - a, dtype, codec, width)
         diff = sorted(k for k in set(md) | set(want) if md.get(k) != want.get(k))
         raise StoreError(
             f"{where}: its zarr.json differs from the store's record "
@@ -433,8 +451,9 @@ def _stored_marks(arr) -> list[int | None]:
 
 
 def read_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str,
-               marks: tuple[int, ...]) -> np.ndarray:
-    """Rows ``[a, b)`` of planned chunk ``i``, verified: the task behind each block.
+               marks: tuple[int, ...], width: int = 9) -> np.ndarray:
+    """Rows ``[a, b)`` of planned chunk ``i`` (``width`` = K² values each), verified:
+    the task behind each block.
 
     Raises
     ------
@@ -442,7 +461,7 @@ def read_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: 
         The chunk's metadata differs from the record, a stored Zarr chunk is missing
         or is not the one recorded, or its bytes fail their CRC-32C.
     """
-    arr = _open_chunk(path, i, a, b, dtype, codec)
+    arr = _open_chunk(path, i, a, b, dtype, codec, width)
     path = location(path).url
     where = f"chunk {i} (rows {a}:{b}) of {path!r}"
     found = _stored_marks(arr)
@@ -553,17 +572,20 @@ def _put_encoded(arr, y: np.ndarray, encode) -> int:
 
 
 def write_chunk(path: str | Location, i: int, x: np.ndarray, a: int, b: int, dtype: str, codec: str,
-                source_sha256: str) -> ChunkMark:
-    """Write planned chunk ``i`` (rows ``[a, b)``) as its own array; mark it last.
+                source_sha256: str, width: int = 9) -> ChunkMark:
+    """Write planned chunk ``i`` (rows ``[a, b)`` of ``width`` values) as its own
+    array; mark it last.
 
     ``source_sha256`` is the digest of the source bytes the rows were made from
     (checked again when a conversion is resumed). The CRC-32 of the values and the
     encoding of each Zarr chunk are one pass over the rows.
     """
     y = np.ascontiguousarray(x, dtype=dtype)
-    if y.shape != (b - a, 9):
-        raise StoreError(f"chunk {i}: {y.shape} rows given for rows {a}:{b}")
-    arr = _create_chunk_array(location(path).zarr_store(), chunk_name(i), b - a, dtype, codec)
+    if y.shape != (b - a, width):
+        raise StoreError(f"chunk {i}: {y.shape} rows given for rows {a}:{b} of "
+                         f"{width} values")
+    arr = _create_chunk_array(location(path).zarr_store(), chunk_name(i), b - a, dtype, codec,
+                              width)
     encode = _chunk_encoder(arr)
     if encode is None:
         arr[...] = y
@@ -577,10 +599,10 @@ def write_chunk(path: str | Location, i: int, x: np.ndarray, a: int, b: int, dty
 
 
 def chunk_mark(path: str | Location, i: int, a: int, b: int, dtype: str,
-               codec: str) -> ChunkMark | None:
+               codec: str, width: int = 9) -> ChunkMark | None:
     """The commit mark of chunk ``i`` if it was completely written, else None."""
     try:
-        arr = _open_chunk(path, i, a, b, dtype, codec)
+        arr = _open_chunk(path, i, a, b, dtype, codec, width)
     except StoreError:
         return None  # absent or half-written: rewrite it
     attrs = dict(arr.attrs)
@@ -593,11 +615,11 @@ def chunk_mark(path: str | Location, i: int, a: int, b: int, dtype: str,
 
 
 def check_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: str,
-                marks: tuple[int, ...], crc32: int) -> tuple[list[str], object]:
+                marks: tuple[int, ...], crc32: int, width: int = 9) -> tuple[list[str], object]:
     """Every check of chunk ``i``: what :func:`read_chunk` checks plus the CRC-32 of
     its values (``crc32``, recorded). Returns (problems, values or None)."""
     try:
-        y = read_chunk(path, i, a, b, dtype, codec, marks)
+        y = read_chunk(path, i, a, b, dtype, codec, marks, width)
     except StoreError as exc:
         return [str(exc)], None
     crc = checksum(y)
@@ -614,7 +636,7 @@ def check_all_chunk_metadata(path: str | Location, rec: StoreRecord) -> None:
 
     def one(item):
         i, (a, b) = item
-        _open_chunk(path, i, int(a), int(b), rec.dtype, rec.codec)
+        _open_chunk(path, i, int(a), int(b), rec.dtype, rec.codec, rec.width)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, enumerate(rec.chunks)))
@@ -728,7 +750,7 @@ def create_or_resume(path: str | Location, rec: StoreRecord) -> tuple[StoreRecor
                 f"target {path!r} was converted from another source "
                 f"({old.source.get('path')!r}); choose another target or delete it"
             )
-        for key in ("dtype", "codec", "chunks"):
+        for key in ("kernel", "dtype", "codec", "chunks"):
             a, b = getattr(old, key), getattr(rec, key)
             if not np.array_equal(a, b):
                 shown = a.tolist() if isinstance(a, np.ndarray) else a
@@ -742,7 +764,7 @@ def create_or_resume(path: str | Location, rec: StoreRecord) -> tuple[StoreRecor
     root.attrs[ATTR_KEY] = dict(rec.to_attrs(), complete=False)
     done = {}
     for i, (a, b) in enumerate(rec.chunks):
-        mark = chunk_mark(loc, i, int(a), int(b), rec.dtype, rec.codec)
+        mark = chunk_mark(loc, i, int(a), int(b), rec.dtype, rec.codec, rec.width)
         if mark is not None:
             done[i] = mark
     return None, done
@@ -794,6 +816,11 @@ def append(path: str, x: np.ndarray, plan_new: np.ndarray, meta: pd.DataFrame, *
             rec = read_record(path)
             if not rec.complete or rec.n_filters != n_filters_seen:
                 raise StoreError(f"store {path!r} changed while models were read; retry")
+        if x.ndim != 2 or x.shape[1] != rec.width:
+            raise StoreError(
+                f"store {path!r} holds {rec.kernel}x{rec.kernel} filters ({rec.width} "
+                f"values); rows of {x.shape[1:]} values cannot be added (one kernel size "
+                "per store)")
         n0 = rec.n_filters
         if len(x) != int(plan_new[-1, 1]) - n0 or int(plan_new[0, 0]) != n0:
             raise StoreError(f"appended rows {plan_new[[0, -1]].tolist()} do not follow {n0}")
@@ -811,7 +838,8 @@ def append(path: str, x: np.ndarray, plan_new: np.ndarray, meta: pd.DataFrame, *
         for j, (a, b) in enumerate(plan_new):
             rows = np.ascontiguousarray(x[a - n0: b - n0])
             marks[k0 + j] = write_chunk(path, k0 + j, rows, int(a), int(b), grown.dtype,
-                                        grown.codec, hashlib.sha256(rows.data).hexdigest())
+                                        grown.codec, hashlib.sha256(rows.data).hexdigest(),
+                                        grown.width)
         grown.meta_sha256 = write_meta(path, meta)
         return commit(path, grown, marks)
 
