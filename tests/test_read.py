@@ -151,7 +151,8 @@ def test_no_meta(tmp_path):
 
 
 @pytest.mark.parametrize("data,match", [
-    (np.zeros((6, 8), np.float32), r"has shape \(6, 8\); expected \(N, 9\) or \(N, 3, 3\)"),
+    (np.zeros((6, 8), np.float32), r"has shape \(6, 8\); expected square K×K filters, "
+                                   r"\(N, K²\) or \(N, K, K\) .*\(N, 9\) or \(N, 3, 3\)"),
     (np.zeros((6, 9), np.int32), "has dtype int32; expected float16, float32 or float64"),
     (np.zeros((0, 9), np.float32), "holds no filters"),
 ])
