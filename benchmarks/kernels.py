@@ -1,6 +1,6 @@
 """Each pass kernel alone, in one thread, on warm in-memory chunks.
 
-    python -m benchmarks.kernels [--filters 4M] [--repeat 5] [--engine numba,numpy]
+    python -m benchmarks.kernels [--filters 4M] [--repeat 5] [--engine numba,numpy] [--kernel 5]
 
 Synthetic filters from the project's generator (realistic layer sizes, dead and
 zero layers) are held in memory as float32 chunks of ``CHUNK`` rows, cut at layer
@@ -43,8 +43,8 @@ LIMITS = {
 TARGET_PER_THREAD = 30e6
 
 
-def make_inputs(n: int, seed: int = 0) -> dict:
-    """In-memory chunks and every argument the three kernels take."""
+def make_inputs(n: int, seed: int = 0, kernel: int = 3) -> dict:
+    """In-memory chunks and every argument the three kernels take (KxK filters)."""
     from filterdb_dask.convert.synth import iter_filters, model_meta, plan_layers
     from filterdb_dask import kernels as K
     from filterdb_dask.groups import depth_decile_codes
@@ -52,7 +52,7 @@ def make_inputs(n: int, seed: int = 0) -> dict:
     n_models = max(8, min(800, n // 500_000))
     layers = plan_layers(n, n_models, seed)
     models = model_meta(n_models, seed)
-    x = np.concatenate(list(iter_filters(layers, models, seed))).astype(np.float32)
+    x = np.concatenate(list(iter_filters(layers, models, seed, kernel))).astype(np.float32)
     sizes = np.array([lay.n for lay in layers])
     stops = np.cumsum(sizes)
     starts = stops - sizes
@@ -70,12 +70,12 @@ def make_inputs(n: int, seed: int = 0) -> dict:
         bounds = np.stack([np.maximum(starts[sel], a) - a, np.minimum(stops[sel], b) - a], 1)
         chunks.append((x[a:b], bounds.astype(np.int64), groups[sel]))
     stats = np.concatenate([K.layer_stats_chunk(c, bd) for c, bd, _ in chunks])
-    nn, mu, m2 = K.moments_combine(stats[:, K.STAT_N], stats[:, K.STAT_MEAN],
-                                   stats[:, K.STAT_M2])
+    lay = K.stat_layout(x.shape[1])
+    nn, mu, m2 = K.moments_combine(stats[:, lay.n], stats[:, lay.mean], stats[:, lay.m2])
     pca = K.pca_finalize(nn, mu, m2)
     c = K.project(K.scale_filters(x), pca["mean"], pca["components"])
     lo, hi = float(c.min()), float(c.max())
-    return {"n": n, "chunks": chunks, "mean": pca["mean"], "components": pca["components"],
+    return {"n": n, "kernel": kernel, "chunks": chunks, "mean": pca["mean"], "components": pca["components"],
             "edges": K.histogram_edges(70, lo, hi),
             "density_edges": np.linspace(-3.3, 3.3, 513), "n_groups": n_groups,
             "fine_per_bin": 4}
@@ -106,7 +106,7 @@ def _runners(kern, inp: dict) -> dict:
 
 
 def kernel_speeds(n: int = 4_000_000, *, repeat: int = 5, engines=("numba",),
-                  inputs: dict | None = None) -> dict:
+                  inputs: dict | None = None, kernel: int = 3) -> dict:
     """Single-thread filters/s of each pass kernel, min of ``repeat`` runs.
 
     Returns
@@ -118,8 +118,8 @@ def kernel_speeds(n: int = 4_000_000, *, repeat: int = 5, engines=("numba",),
 
     from filterdb_dask.engines import get_kernels
 
-    inp = inputs or make_inputs(n)
-    out = {"n": inp["n"], "chunk_rows": CHUNK, "repeat": repeat,
+    inp = inputs or make_inputs(n, kernel=kernel)
+    out = {"n": inp["n"], "kernel": inp.get("kernel", 3), "chunk_rows": CHUNK, "repeat": repeat,
            "limits": {k: {"filters_per_s": v, "why": why} for k, (v, why) in LIMITS.items()},
            "target_per_thread": TARGET_PER_THREAD, "engines": list(engines)}
     with threadpool_limits(1):
@@ -146,7 +146,8 @@ def kernel_speeds(n: int = 4_000_000, *, repeat: int = 5, engines=("numba",),
 
 def markdown(res: dict) -> str:
     engines = res["engines"]
-    lines = [f"Kernels alone, one thread, {res['n']:,} float32 filters in chunks of "
+    k = res.get("kernel", 3)
+    lines = [f"Kernels alone, one thread, {res['n']:,} float32 {k}x{k} filters in chunks of "
              f"{res['chunk_rows']:,}, min of {res['repeat']} (thread CPU time):", "",
              "| kernel | " + " | ".join(f"{e} M filters/s" for e in engines)
              + " | per-core limit M/s | target M/s |",
@@ -165,8 +166,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--engine", default="numba", help="comma-separated: numba,numpy")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--kernel", type=int, default=3,
+                   help="KxK synthetic filters (default 3; the limits are for 3x3)")
     args = p.parse_args(argv)
-    res = kernel_speeds(args.filters, repeat=args.repeat,
+    res = kernel_speeds(args.filters, repeat=args.repeat, kernel=args.kernel,
                         engines=[e.strip() for e in args.engine.split(",") if e.strip()])
     if args.json:
         with open(args.json, "w") as fh:

@@ -114,13 +114,13 @@ def test_kxk_ingest_convert_analyze_against_numpy(models, tmp_path, k):
     a, b = out["numpy"], out["numba"]
     # both engines: the same bits for D != 9 too
     for key in ("mean", "components", "explained_variance"):
-        np.testing.assert_array_equal(a.pca[key], b.pca[key])
+        np.testing.assert_array_equal(getattr(a.pca, key), getattr(b.pca, key))
     np.testing.assert_array_equal(a.layer_stats, b.layer_stats)
     np.testing.assert_array_equal(a.layer_hist, b.layer_hist)
     np.testing.assert_array_equal(a.density, b.density)
     np.testing.assert_array_equal(a.sweep, b.sweep)
     r = a
-    assert r.kernel == k and r.layer_hist.shape[1] == d and r.pca["components"].shape == (d, d)
+    assert r.kernel == k and r.layer_hist.shape[1] == d and r.pca.components.shape == (d, d)
 
     # PCA (METHOD §2-3): eigh of the scatter of the peak-scaled filters, n-1 denominator
     xs = _peak_scaled(x)
@@ -128,15 +128,15 @@ def test_kxk_ingest_convert_analyze_against_numpy(models, tmp_path, k):
     cov = (xs - mu).T @ (xs - mu) / (len(xs) - 1)
     vals, vecs = np.linalg.eigh(cov)
     vals, vecs = vals[::-1], vecs[:, ::-1]
-    np.testing.assert_allclose(r.pca["mean"], mu, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(r.pca["explained_variance"], vals, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(r.pca["explained_variance_ratio"], vals / vals.sum(),
+    np.testing.assert_allclose(r.pca.mean, mu, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.pca.explained_variance, vals, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(r.pca.explained_variance_ratio, vals / vals.sum(),
                                rtol=1e-9, atol=1e-12)
-    dots = np.abs(np.sum(r.pca["components"] * vecs.T, axis=1))
+    dots = np.abs(np.sum(r.pca.components * vecs.T, axis=1))
     np.testing.assert_allclose(dots, 1.0, atol=1e-6)  # eigenvalues are distinct here
 
     # histograms over all K² components and the 2-D density of coefficients 0 vs 1
-    c = (xs - r.pca["mean"]) @ r.pca["components"].T
+    c = (xs - r.pca.mean) @ r.pca.components.T
     assert r.coef_range[0] == pytest.approx(c.min(), abs=1e-12)
     assert r.coef_range[1] == pytest.approx(c.max(), abs=1e-12)
     meta = r.meta
@@ -183,7 +183,7 @@ def test_kxk_result_set_and_report(models, tmp_path):
     back = Results.open(out)
     assert back.kernel == 5
     np.testing.assert_array_equal(back.layer_hist, res.layer_hist)
-    np.testing.assert_array_equal(back.pca["components"], res.pca["components"])
+    np.testing.assert_array_equal(back.pca.components, res.pca.components)
     with open(os.path.join(out, "pca.json")) as fh:
         assert np.asarray(json.load(fh)["components"]).shape == (25, 25)
     write_report(out, verbosity=0)
