@@ -165,6 +165,16 @@ def test_kxk_ingest_convert_analyze_against_numpy(models, tmp_path, k):
         assert q["variance_entropy_clean"].iloc[i] == pytest.approx(_entropy(clean), abs=1e-9,
                                                                     nan_ok=True)
     assert (q["sparsity"] > 0).any()  # the zero channels of the first layer
+    if "orthogonality" in q.columns:  # rows of W: c_out x (c_in/groups · K²)
+        for i in range(len(meta)):
+            w = x[int(meta["start"].iloc[i]):int(meta["stop"].iloc[i])].astype(np.float64)
+            c = int(meta["out_channels"].iloc[i])
+            rows = w.reshape(c, -1)
+            nrm = np.linalg.norm(rows, axis=1, keepdims=True)
+            u = np.divide(rows, nrm, out=np.zeros_like(rows), where=nrm > 0)
+            g = np.abs(u @ u.T)
+            want = 1 - (g.sum() - np.trace(g)) / (c * (c - 1))
+            assert q["orthogonality"].iloc[i] == pytest.approx(want, abs=1e-9)
     # the ε = 0.01 column of the sweep is today's sparsity
     np.testing.assert_array_equal(q["sparsity@0.01"], q["sparsity"])
 
