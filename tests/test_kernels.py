@@ -348,3 +348,53 @@ def test_results_identical_on_1_2_and_4_worker_processes(synth_store):
                           host="127.0.0.1", dashboard_address=None,
                           memory_limit="1GiB") as cluster, Client(cluster):
             _same_bits(analyze(synth_store, verbosity=0), threaded)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("per_bin", [1, 4])
+def test_values_outside_a_given_range_are_dropped_as_numpy_drops_them(engine, per_bin):
+    """A fixed reference range (``analyze --basis``) narrower than the data: pass 3
+    drops what np.histogram(range=...) drops (below lo, above hi; lo and hi themselves
+    are binned) in both engines, in small layers (direct increments) and large ones
+    (per-layer scratch), coarse and fine alike; the rest is exactly np.histogram."""
+    rng = np.random.default_rng(21)
+    lo, hi = -0.37, 0.52
+    edges = K.histogram_edges(70, lo, hi)
+    fine = K.fine_edges(edges, per_bin)
+    near = [lo, hi, np.nextafter(lo, -np.inf), np.nextafter(lo, np.inf),
+            np.nextafter(hi, -np.inf), np.nextafter(hi, np.inf), -1.0, 1.0, 0.0, -0.0]
+    vals = np.concatenate([np.repeat(near, 3), rng.uniform(-1, 1, 4000)])
+    rng.shuffle(vals)
+    x = np.zeros((len(vals), 9))
+    x[:, 0] = vals
+    x[:, 1] = 1.0  # the peak: rows are already scaled, coefficients = values
+    x[:, 2:] = rng.uniform(-1, 1, size=(len(vals), 7))
+    b = np.array([[0, 7], [7, 30], [30, 3000], [3000, len(x)]])
+    groups = np.array([[0], [0], [1], [-1]])
+    hist, fh = get_kernels(engine).histogram_chunk(x, b, np.zeros(9), np.eye(9), edges,
+                                                   groups, 2, fine)
+    want_fine = np.zeros((2, 9, 70 * per_bin), dtype=np.int64)
+    for i, (a, e) in enumerate(b):
+        for k in range(9):
+            v = x[a:e, k]
+            want, _ = np.histogram(v, bins=70, range=(lo, hi))
+            np.testing.assert_array_equal(hist[i, k], want)
+            outside = int(np.count_nonzero((v < lo) | (v > hi)))
+            assert (e - a) - int(hist[i, k].sum()) == outside
+            if groups[i, 0] >= 0:
+                idx = K.fine_bin_indices(v, edges, fine)
+                want_fine[groups[i, 0], k] += np.bincount(idx[idx >= 0],
+                                                          minlength=70 * per_bin)
+    np.testing.assert_array_equal(fh, want_fine)
+    # a random basis: the coefficients of K.project (the kernels' bits)
+    mean = rng.normal(size=9) * 0.1
+    comps = np.linalg.qr(rng.normal(size=(9, 9)))[0]
+    x2 = _data(2500, seed=3)
+    b2 = np.array([[0, 5], [5, 2500]])
+    hist, _ = get_kernels(engine).histogram_chunk(x2, b2, mean, comps, edges,
+                                                  np.full((2, 0), -1), 0, fine)
+    for i, (a, e) in enumerate(b2):
+        c = K.project(K.scale_filters(x2[a:e]), mean, comps)
+        for k in range(9):
+            want, _ = np.histogram(c[:, k], bins=70, range=(lo, hi))
+            np.testing.assert_array_equal(hist[i, k], want)
