@@ -21,6 +21,7 @@ from . import cluster, config
 from .errors import AnalysisError
 from .groups import default_by, make_grouping, make_groupings
 from .histograms import (
+    basis_histograms,
     bin_edges,
     coef_range_density,
     density_edges,
@@ -123,6 +124,24 @@ def validate_models(meta: pd.DataFrame) -> None:
             )
 
 
+def _check_drift_ref(groupings, drift_ref) -> str:
+    """``drift_ref`` as a label; refused unless some numeric grouping has it."""
+    from .kl import is_numeric_grouping
+
+    drift_ref = str(drift_ref)
+    numeric = [g for g in groupings if is_numeric_grouping(g)]
+    if not any(drift_ref in g.labels for g in numeric):
+        if not numeric:
+            raise AnalysisError(
+                f"`drift_ref` {drift_ref!r}: no grouping is by a numeric meta column "
+                "(group by one with `by`)")
+        shown = "; ".join(f"{g.name}: {', '.join(g.labels[:10])}"
+                          + (" ..." if g.n_groups > 10 else "") for g in numeric)
+        raise AnalysisError(f"`drift_ref` {drift_ref!r} is not a group of any numeric "
+                            f"grouping ({shown})")
+    return drift_ref
+
+
 def analyze(
     store,
     *,
@@ -138,6 +157,8 @@ def analyze(
     pairs=None,
     correlate: str | None = None,
     entropy_cutoffs=None,
+    basis=None,
+    drift_ref=None,
 ) -> Results:
     """Run the analysis of docs/method.md on a store, in three passes.
 
@@ -172,6 +193,16 @@ def analyze(
         (:mod:`filterdb_dask.pairs`); checked before the first pass.
     correlate : a numeric meta column (one value per model): Spearman's ρ of each
         paired model's per-bin metric with it. Needs ``pairs``.
+    basis : an earlier result set (:class:`Results` or its directory) whose PCA
+        (mean, components, explained-variance ratio as KL weights), coefficient
+        range and bins are used instead of the store's own (docs/method.md §3):
+        pass 2 is not run, coefficients outside the range are not binned and are
+        counted (``Results.out_of_range``); the store's own PCA is kept as
+        ``Results.own_pca``. ``bins``/``fine_bins`` must then be left unset (or
+        equal REF's).
+    drift_ref : the reference group of the drift curves (groupings by a numeric meta
+        column: KL of every group to this one, ``Results.drift_to``); it must be a
+        label of at least one of them. Default: each such grouping's first group.
 
     Returns
     -------
@@ -182,7 +213,8 @@ def analyze(
     AnalysisError
         Unknown grouping column, bad bins, an empty or unknown subset, two models
         sharing one ``model_id``, an ``out_channels`` column that does not fit the
-        stored layers, a bad pairs file or correlate column, or too few filters.
+        stored layers, a bad pairs file or correlate column, too few filters, or a
+        ``basis`` that is not a result set or does not fit the store (dimension, bins).
     """
     from .engines import resolve_engine
     from .histograms import _validate_bins
@@ -192,6 +224,17 @@ def analyze(
         store = open_store(store)
     # None takes the package config's value (filterdb_dask.yaml, via dask.config)
     by = default_by() if by is None else by
+    ref = None
+    if basis is not None:
+        from .basis import load_basis
+
+        ref = load_basis(basis, store.filters.shape[1])
+        for what, given, own in (("bins", bins, ref.bins), ("fine_bins", fine_bins,
+                                                            ref.fine_bins)):
+            if given is not None and given != own:
+                raise AnalysisError(f"`{what}` {given!r} with a `basis`: the bins are the "
+                                    f"basis's (`{what}` {own}); leave `{what}` unset")
+        bins, fine_bins = ref.bins, ref.fine_bins
     bins = _validate_bins(config.get("analysis.bins") if bins is None else bins)
     fine_bins = config.get("analysis.fine-bins") if fine_bins is None else fine_bins
     engine = config.get("analysis.engine") if engine is None else engine
@@ -213,6 +256,8 @@ def analyze(
         if pairs_spec is None:
             raise AnalysisError("`correlate` needs `pairs` (the models to correlate)")
         validate_correlate(meta, correlate)
+    if drift_ref is not None:
+        drift_ref = _check_drift_ref(groupings, drift_ref)
     subset_masks = _normalize_subsets(
         meta, default_subsets(meta) if subsets is None else subsets
     )
@@ -226,7 +271,8 @@ def analyze(
     ortho_lazy = layer_orthogonality(store) if orthogonality else None
     if ortho_lazy is not None:
         pass1.append(ortho_lazy)
-    stats_sorted, *rest = ex.compute(*pass1, label="pass 1/3 moments+quality")
+    label = "pass 1/3 moments+quality" if ref is None else "pass 1/2 moments+quality"
+    stats_sorted, *rest = ex.compute(*pass1, label=label)
     stats = store.to_meta_order(stats_sorted)
     sweep = store.to_meta_order(rest.pop(0)) if sparsity_eps else None
     ortho = store.to_meta_order(rest.pop(0)) if ortho_lazy is not None else None
@@ -234,9 +280,14 @@ def analyze(
     validate_pca(pca)
     subset_pcas = {name: pca_from_stats(stats, mask) for name, mask in subset_masks.items()}
 
-    # pass 2
-    rng_lazy, dens_lazy = coef_range_density(store, pca, engine=engine)
-    coef_range, density = ex.compute(rng_lazy, dens_lazy, label="pass 2/3 range+density")
+    own_pca = observed_range = None
+    if ref is not None:  # the basis's PCA and range: no pass 2
+        own_pca, pca = pca, ref.pca
+        coef_range = ref.coef_range
+    else:
+        # pass 2
+        rng_lazy, dens_lazy = coef_range_density(store, pca, engine=engine)
+        coef_range, density = ex.compute(rng_lazy, dens_lazy, label="pass 2/3 range+density")
 
     # pass 3
     ridge = [g for g in groupings if g.n_groups <= MAX_RIDGE_GROUPS]
@@ -244,11 +295,17 @@ def analyze(
     lg = np.full((len(meta), len(ridge)), -1, dtype=np.int64)
     for j, g in enumerate(ridge):
         lg[:, j] = g.codes + offsets[j]
-    hist_lazy, fine_lazy = layer_histograms(
-        store, pca, coef_range, bins=bins, layer_groups=lg, n_groups=int(offsets[-1]),
-        fine_bins=fine_bins, engine=engine,
-    )
-    hist_sorted, fine = ex.compute(hist_lazy, fine_lazy, label="pass 3/3 histograms")
+    if ref is None:
+        hist_lazy, fine_lazy = layer_histograms(
+            store, pca, coef_range, bins=bins, layer_groups=lg, n_groups=int(offsets[-1]),
+            fine_bins=fine_bins, engine=engine,
+        )
+        hist_sorted, fine = ex.compute(hist_lazy, fine_lazy, label="pass 3/3 histograms")
+    else:  # the 2-D density of pass 2 comes from the same read, in the basis
+        hist_sorted, fine, observed_range, density = ex.compute(*basis_histograms(
+            store, pca, coef_range, bins=bins, layer_groups=lg, n_groups=int(offsets[-1]),
+            fine_bins=fine_bins, engine=engine,
+        ), label="pass 2/2 histograms+density (basis)")
     layer_hist = store.to_meta_order(hist_sorted)
     edges, fine_edges = bin_edges(coef_range, bins=bins, fine_bins=fine_bins)
     group_hist = {g.slug: group_histograms(layer_hist, g.codes, g.n_groups) for g in groupings}
@@ -274,6 +331,9 @@ def analyze(
         sweep=None if sweep is None else np.asarray(sweep, dtype=np.float64),
         orthogonality=None if ortho is None else np.asarray(ortho, dtype=np.float64),
         subsets=subset_pcas,
+        own_pca=own_pca,
+        observed_range=(None if observed_range is None
+                        else np.asarray(observed_range, dtype=np.float64)),
         settings={
             "bins": bins, "by": [g.name for g in groupings], "fine_bins": fine_bins,
             "engine": engine, "store": getattr(store, "path", None),
@@ -281,5 +341,7 @@ def analyze(
             "n_chunks": store.n_chunks, "n_layers": len(meta),
             "pairs": pairs_spec, "correlate": correlate,
             "entropy_cutoffs": list(entropy_cutoffs),
+            **({} if ref is None else {"basis": ref.record()}),
+            **({} if drift_ref is None else {"drift_ref": drift_ref}),
         },
     )

@@ -181,3 +181,73 @@ def group_histograms(layer_hist: np.ndarray, codes: np.ndarray, n_groups: int) -
     ok = codes >= 0
     np.add.at(out, codes[ok], layer_hist[ok].astype(np.int64))
     return out
+
+
+def _histogram_density_task(x, bounds, groups, mean, comps, edges, n_groups, fedges,
+                            dedges, engine):
+    kern = get_kernels(engine)
+    hist, fine = kern.histogram_chunk(x, bounds, mean, comps, edges, groups, n_groups, fedges)
+    rng, dens = kern.range_density_chunk(x, bounds, mean, comps, dedges)
+    return hist, fine[None], rng[None, :], dens[None]
+
+
+def basis_histograms(
+    store,
+    pca: dict,
+    coef_range,
+    *,
+    bins: int,
+    layer_groups: np.ndarray | None = None,
+    n_groups: int = 0,
+    fine_bins: int,
+    engine: str | None = None,
+):
+    """Pass 3 in a fixed reference basis, with pass 2's outputs in the same read.
+
+    When the PCA and ``coef_range`` come from an earlier result set
+    (``analyze(..., basis=REF)``) no pass is needed to find the range: each chunk is
+    read once and its task runs both pass-3 kernels (:func:`layer_histograms`) and
+    pass-2 kernels (:func:`coef_range_density`) on it. Coefficients outside
+    ``coef_range`` are not binned (np.histogram's ``range`` rule).
+
+    Returns
+    -------
+    (hist, fine, observed_range, density): as :func:`layer_histograms` and
+    :func:`coef_range_density`; ``observed_range`` is the store's own ``[min, max]``
+    of all coefficients in this basis.
+    """
+    import dask.array as da
+
+    bins = _validate_bins(bins)
+    fine_bins = _validate_bins(fine_bins, "fine_bins")
+    engine = engine or config.get("analysis.engine")
+    get_kernels(engine)
+    lo, hi = (float(v) for v in np.asarray(coef_range))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise AnalysisError(f"coefficient range {[lo, hi]!r} is not finite")
+    edges, fedges = bin_edges((lo, hi), bins=bins, fine_bins=fine_bins)
+    dedges = density_edges()
+    nd = len(dedges) - 1
+    n_meta = len(store.meta)
+    if layer_groups is None:
+        layer_groups = np.full((n_meta, 0), -1, dtype=np.int64)
+    layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(n_meta, -1)
+    bounds = store.chunk_bounds()
+    per_chunk = list(zip(bounds, store.per_chunk(layer_groups), strict=True))
+    n = store.filters.numblocks[0]
+    ncomp = np.asarray(pca.components).shape[0]
+    hist, fine, rng, dens = map_chunks(
+        _histogram_density_task,
+        store.filters,
+        per_chunk,
+        outputs=[
+            ([len(b) for b in bounds], (ncomp, bins), np.uint32),
+            ([1] * n, (n_groups, ncomp, len(fedges) - 1), np.int64),
+            ([1] * n, (2,), np.float64),
+            ([1] * n, (nd, nd), np.int64),
+        ],
+        name="basis-histograms",
+        common_args=(pca.mean, pca.components, edges, n_groups, fedges, dedges, engine),
+    )
+    return hist, fine.sum(axis=0), da.stack([rng[:, 0].min(), rng[:, 1].max()]), \
+        dens.sum(axis=0)

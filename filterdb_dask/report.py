@@ -401,6 +401,39 @@ def fig_drift(matrices: dict[str, pd.DataFrame]):
     return fig
 
 
+def drift_curve_lines(table: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """What a drift curve draws from :meth:`Results.drift_to`'s table: x (the numeric
+    labels; a missing-value group left out) and one line per component's weighted
+    term ``w_k S_k`` plus ``total`` (their sum)."""
+    keep = np.isfinite(table["value"].to_numpy(dtype=np.float64))
+    t = table[keep]
+    lines = {c[len("weighted_"):]: t[c].to_numpy(dtype=np.float64)
+             for c in t.columns if c.startswith("weighted_c")}
+    lines["total"] = t["total"].to_numpy(dtype=np.float64)
+    return t["value"].to_numpy(dtype=np.float64), lines
+
+
+def fig_drift_curve(table: pd.DataFrame, name: str, ref: str):
+    """KL of every group to the reference group along a numeric column: one thin line
+    per component's weighted term, the weighted total thick."""
+    plt = _plt()
+    x, lines = drift_curve_lines(table)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    for k, (lab, y) in enumerate(lines.items()):
+        if lab == "total":
+            ax.plot(x, y, "o-", color="k", lw=2.5, label="total D(g, ref)")
+        else:
+            ax.plot(x, y, ".-", color=f"C{k % 10}", lw=1, alpha=0.85, label=f"w·S {lab}")
+    ax.axvline(float(table.loc[ref, "value"]) if np.isfinite(table.loc[ref, "value"])
+               else x[0], color="0.5", ls=":", lw=1)
+    ax.set_xlabel(short_label(name, 40))
+    ax.set_ylabel("symmetric KL to the reference group")
+    ax.set_title(short_label(f"drift of {name} to {name} = {ref}", 70))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
 def fig_density(counts: np.ndarray, edges=None):
     """The notebook's picture: ``imshow(H.T / H.max())``, upper origin, ``fire``, log scale.
 
@@ -544,7 +577,8 @@ def _mpl_text(label) -> str:
     return str(label).replace("$", r"\$") or "''"
 
 
-def write_report(out: str, *, verbosity: int | None = None) -> str:
+def write_report(out: str, *, verbosity: int | None = None,
+                 drift_ref: str | None = None) -> str:
     """Build ``out/report.html`` (images embedded) and ``out/plots/*.png``.
 
     The figures are those of docs/method.md §6. Everything comes from the result set
@@ -555,6 +589,9 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
     ----------
     out : a result directory written by ``Results.write`` / ``analyze --out``.
     verbosity : 0 quiet; otherwise one line per figure on stderr (default 1).
+    drift_ref : reference group of the drift curves (numeric groupings that have this
+        label); default the one the analysis recorded (``settings["drift_ref"]``),
+        else each grouping's first group.
 
     Returns
     -------
@@ -569,6 +606,10 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
 
     _build.update(t0=time.monotonic(), verbosity=1 if verbosity is None else verbosity)
     res = Results.open(out)
+    if drift_ref is not None:
+        from .analysis import _check_drift_ref
+
+        res.settings["drift_ref"] = _check_drift_ref(res.groupings, drift_ref)
     plots_dir = os.path.join(out, "plots.tmp")
     shutil.rmtree(plots_dir, ignore_errors=True)
     os.makedirs(plots_dir)
@@ -588,7 +629,7 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
     models = res.models()
     n_layers = int(settings.get("n_layers", len(quality)))
     header = {
-        "filters": f"{int(pca.n_filters):,}",
+        "filters": f"{res.n_filters:,}",
         "layers": f"{n_layers:,}",
         "models": f"{quality['model_id'].nunique():,}",
         "coefficient range": f"[{res.coef_range[0]:.4f}, {res.coef_range[1]:.4f}]",
@@ -599,12 +640,16 @@ def write_report(out: str, *, verbosity: int | None = None) -> str:
         "store": str(settings.get("store")),
         "chunks": str(settings.get("n_chunks")),
     }
+    if res.basis is not None:
+        header.update(_basis_header(res))
     body = ["<h1>CNN Filter DB analysis</h1>", "<table class='hdr'>"]
     body += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
              for k, v in header.items()]
     body.append("</table>")
     ratio = ", ".join(f"{v:.4f}" for v in res.pca.explained_variance_ratio)
     body.append(f"<p>Explained variance ratio: {ratio}</p>")
+    if res.basis is not None:
+        body += _basis_section(res)
     for name, b64 in plots.items():
         body.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
                     f"<figcaption>{html.escape(captions.get(name, name))}</figcaption></figure>")
@@ -651,6 +696,45 @@ def _pair_figures(res, plots, captions, plots_dir) -> None:
             f"Spearman correlation, per depth bin, of each paired model's mean metric in "
             f"the bin with its meta value {col!r} (every paired model once; NaN, not drawn, "
             f"below 3 models). Table: pairs_correlation.csv.")
+def _basis_header(res) -> dict[str, str]:
+    b = res.basis
+    oor = res.out_of_range
+    total = int(oor.sum())
+    share = total / max(res.n_filters * oor.shape[1], 1)
+    obs = res.observed_range
+    return {
+        "basis": f"{b.get('path')} (digest {str(b.get('digest'))[:16]}…)",
+        "basis filters": f"{int(b.get('n_filters', 0)):,}",
+        "observed range": ("–" if obs is None else f"[{obs[0]:.4f}, {obs[1]:.4f}]"),
+        "out of range": f"{total:,} coefficients ({share:.3%})",
+    }
+
+
+def _basis_section(res) -> list[str]:
+    """The reference-basis part of the page: what out-of-range means, per component."""
+    oor = res.out_of_range
+    per = pd.DataFrame({"component": [f"c{k}" for k in range(oor.shape[1])],
+                        "out of range": oor.sum(axis=0),
+                        "share": oor.sum(axis=0) / max(res.n_filters, 1)})
+    own_ratio = ("–" if res.own_pca is None else
+                 ", ".join(f"{v:.4f}" for v in res.own_pca.explained_variance_ratio))
+    worst = res.out_of_range_table().sort_values("out_of_range", ascending=False,
+                                                 kind="stable")
+    worst = worst[worst["out_of_range"] > 0]
+    return [
+        "<h2>Reference basis</h2>",
+        "<p>Coefficients, bins and KL weights are those of the result set named above "
+        "(its mean, components, coefficient range, bin edges and explained-variance "
+        "ratio), so these histograms and shifts compare directly with its own. "
+        "Coefficients outside its range are not binned (np.histogram's range rule, "
+        "the upper edge inclusive) and are counted here and in out_of_range.csv; the "
+        "2-D density is taken in the basis, in the same pass as the histograms. The "
+        "store's own PCA is in own_pca.json (explained variance ratio: "
+        f"{html.escape(own_ratio)}).</p>",
+        _table(per, 100),
+        f"<h3>Layers with coefficients out of range ({len(worst):,})</h3>",
+        _table(worst),
+    ]
 
 
 def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
@@ -712,9 +796,22 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
                        if d > RIDGE_COMPONENTS else ""))
     _save(fig_drift(matrices), plots, "drift", plots_dir)
     captions["drift"] = "Distribution of the pairwise shifts of each grouping."
+    for g in res.drift_groupings():
+        ref = res.drift_reference(g)
+        _save(fig_drift_curve(res.drift_to(g.name, ref), _mpl_text(g.name), _mpl_text(ref)),
+              plots, f"drift_curve_{g.slug}", plots_dir)
+        captions[f"drift_curve_{g.slug}"] = (
+            f"Drift curve of {g.name}: the symmetric KL shift D(g, ref) of every group to "
+            f"the reference group {ref!r} (thick), and each component's weighted term "
+            "w_k·S(p_gk, p_ref,k) (thin; they sum to the total), groups in numeric order"
+            + (", in the reference basis (REF's components, bins and weights)"
+               if res.basis is not None else "")
+            + f". drift/{g.slug}.csv holds the curve to the reference the analysis "
+              "recorded (any other: Results.drift_to).")
     dens_counts = res.density
     _save(fig_density(dens_counts), plots, "density_2d", plots_dir)
-    captions["density_2d"] = (
+    captions["density_2d"] = ("In the reference basis, computed in pass 3 (no pass 2). "
+                              if res.basis is not None else "") + (
         f"Coefficient 0 (left to right) vs coefficient 1 (top to bottom): "
         f"{dens_counts.shape[0]}x{dens_counts.shape[1]} bins on [−3.3, 3.3]², divided by "
         "the maximum, log colour scale from 1e−5 (colorcet fire; empty cells black), "

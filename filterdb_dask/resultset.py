@@ -9,6 +9,7 @@ This module owns the result set's contract; nothing else reads or writes its fil
                            fine histograms, ridge densities and the settings
       pca.json  pca_subsets.json  kl/<slug>.csv  kl/drift.csv  quality.csv
       degenerated_layers.csv  model_quality.csv  pairs.csv  pairs_correlation.csv
+      drift/<slug>.csv  own_pca.json  out_of_range.csv  (the last two with a basis)
                            exports, derived from results.zarr after it is written
       report.html  plots/  written by :func:`filterdb_dask.report.write_report`
 
@@ -42,7 +43,7 @@ import pandas as pd
 from .errors import AnalysisError
 from .groups import Grouping, make_grouping
 from .histograms import group_histograms
-from .kl import drift_summary, kl_matrix
+from .kl import drift_curve, drift_summary, is_numeric_grouping, kl_matrix
 from .pca import PCA, group_covariances
 from .quality import degenerated_layers, model_summary, quality_table
 from .storeformat import pid_alive
@@ -55,8 +56,10 @@ _TOP_ENTRIES = frozenset({
     ZARR_NAME, "pca.json", "pca_subsets.json", "kl", "quality.csv",
     "degenerated_layers.csv", "model_quality.csv", "report.html", "plots",
     "pairs.csv", "pairs_correlation.csv",
+    "own_pca.json", "out_of_range.csv", "drift",
 })
 _SUB_ENTRIES = {"kl": re.compile(r"[0-9a-z_]+\.csv(\.tmp)?"),
+                "drift": re.compile(r"[0-9a-z_]+\.csv(\.tmp)?"),
                 "plots": re.compile(r"[0-9A-Za-z_]+\.png")}
 _PCA_KEYS = PCA.ARRAYS
 
@@ -89,6 +92,71 @@ class Results:
     sweep: np.ndarray | None = None
     #: (n_layers,) pass-1 orthogonality of the raw weights, or None (no shapes recorded)
     orthogonality: np.ndarray | None = None
+    #: with a basis (``analyze(..., basis=REF)``): ``pca`` is REF's, this the store's own
+    own_pca: PCA | None = None
+    #: with a basis: ``[min, max]`` of the store's coefficients in it (``coef_range`` is REF's)
+    observed_range: np.ndarray | None = None
+
+    @property
+    def basis(self) -> dict | None:
+        """The reference basis the coefficients were taken in (REF's path, digest,
+        bins, range), or None for the store's own PCA."""
+        return self.settings.get("basis")
+
+    @property
+    def n_filters(self) -> int:
+        """Filters the analysis read (the store's, also in a basis)."""
+        return int((self.own_pca or self.pca).n_filters)
+
+    @property
+    def out_of_range(self) -> np.ndarray:
+        """(n_layers, components) int64: coefficients of each layer and component
+        outside ``coef_range``, so not binned; zero without a basis (the range is
+        the store's own)."""
+        n = np.asarray(self.layer_stats[:, 0], dtype=np.int64)  # kernels.STAT_N
+        return n[:, None] - self.layer_hist.sum(axis=2, dtype=np.int64)
+
+    def out_of_range_table(self) -> pd.DataFrame:
+        """``out_of_range.csv``: per meta row the id columns of ``quality``, ``n``, the
+        count per component, their sum and its share of the layer's coefficients."""
+        q = self.quality
+        oor = self.out_of_range
+        df = q[list(q.columns[:5])].copy()
+        for k in range(oor.shape[1]):
+            df[f"out_of_range_c{k}"] = oor[:, k]
+        df["out_of_range"] = oor.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df["out_of_range_share"] = df["out_of_range"] / (df["n"] * oor.shape[1])
+        return df
+
+    def drift_to(self, by: str, ref: str | None = None) -> pd.DataFrame:
+        """Shift of every group of ``by`` to the group ``ref`` (default the first),
+        per component and weighted total (:func:`filterdb_dask.kl.drift_curve`), from
+        the per-layer histograms (no pass). Also ``n_filters`` and ``out_of_range``
+        (coefficients outside ``coef_range``, all components) per group."""
+        g, h = self.group_histogram(by)
+        out = drift_curve(h, self.bin_edges, self.pca.explained_variance_ratio, g.labels,
+                          ref)
+        n = np.zeros(g.n_groups, dtype=np.int64)
+        oor = np.zeros(g.n_groups, dtype=np.int64)
+        ok = g.codes >= 0
+        np.add.at(n, g.codes[ok], self.layer_stats[ok, 0].astype(np.int64))
+        np.add.at(oor, g.codes[ok], self.out_of_range[ok].sum(axis=1))
+        out.insert(1, "n_filters", n)
+        out.insert(2, "out_of_range", oor)
+        out.index.name = g.name
+        return out
+
+    def drift_reference(self, grouping: Grouping) -> str:
+        """The reference group of a grouping's drift curve in exports and the report:
+        ``settings["drift_ref"]`` where it is one of its labels, else the first."""
+        want = self.settings.get("drift_ref")
+        return want if want is not None and str(want) in grouping.labels \
+            else grouping.labels[0]
+
+    def drift_groupings(self) -> list[Grouping]:
+        """The groupings by a numeric meta column, which get a drift curve."""
+        return [g for g in self.groupings if is_numeric_grouping(g)]
 
     @property
     def kernel(self) -> int:
@@ -211,6 +279,7 @@ class Results:
             **({} if self.orthogonality is None else
                {"layer_orthogonality": (("layer",), self.orthogonality)}),
             "layer_hist": (("layer", "component", "bin"), self.layer_hist),
+            "out_of_range": (("layer", "component"), self.out_of_range),
             "density_counts": (("density_c0", "density_c1"), self.density),
             "density": (("density_c0", "density_c1"),
                         self.density / max(self.density.max(), 1)),
@@ -227,6 +296,16 @@ class Results:
                                      stack.reshape(len(names), *([len(comp)] * len(dims))))
         data["subset_n_filters"] = (("subset",), np.array(
             [self.subsets[n].n_filters for n in names], dtype=np.int64))
+        if self.own_pca is not None:
+            for key in _PCA_KEYS:
+                dims = ("feature",) if key == "mean" else (
+                    ("feature", "feature_b") if key == "covariance" else
+                    ("component", "feature") if key == "components" else ("component",))
+                data[f"own_{key}"] = (dims, np.asarray(getattr(self.own_pca, key),
+                                                             dtype=np.float64))
+        if self.observed_range is not None:
+            data["observed_range"] = (("bound",), np.asarray(self.observed_range,
+                                                             dtype=np.float64))
         q = self.quality
         for col in q.columns[4:]:
             data[f"quality_{col}"] = (("layer",), q[col].to_numpy(dtype=np.float64))
@@ -270,6 +349,8 @@ class Results:
             "meta": _dumps(meta_spec),
             "settings": _dumps(self.settings),
         })
+        if self.own_pca is not None:
+            ds.attrs["own_n_filters"] = int(self.own_pca.n_filters)
         return ds
 
     @classmethod
@@ -311,7 +392,14 @@ class Results:
                                     columns=idx.copy())
             if f"fine_hist_{slug}" in ds:
                 fine_hist[slug] = ds[f"fine_hist_{slug}"].values
+        own_pca = None
+        if "own_mean" in ds:
+            own_pca = PCA(n_filters=int(ds.attrs["own_n_filters"]),
+                          **{k: ds[f"own_{k}"].values.astype(np.float64) for k in _PCA_KEYS})
         return cls(
+            own_pca=own_pca,
+            observed_range=(ds["observed_range"].values.astype(np.float64)
+                            if "observed_range" in ds else None),
             meta=meta,
             pca=pca,
             coef_range=ds["coef_range"].values.astype(np.float64),
@@ -395,6 +483,18 @@ class Results:
                             ("pairs_correlation.csv", self.pair_correlation())):
             if table is not None:
                 put(name, lambda p, t=table: t.to_csv(p, index=False, float_format="%.17g"))
+        drifting = self.drift_groupings()
+        if drifting:
+            os.makedirs(os.path.join(out, "drift"), exist_ok=True)
+        for g in drifting:
+            put(os.path.join("drift", f"{g.slug}.csv"),
+                lambda p, g=g: self.drift_to(g.name, self.drift_reference(g)).to_csv(
+                    p, float_format="%.17g"))
+        if self.own_pca is not None:
+            put("own_pca.json", lambda p: _write_json(p, _strict(_pca_export(self.own_pca))))
+        if self.basis is not None:
+            put("out_of_range.csv", lambda p: self.out_of_range_table().to_csv(
+                p, index=False, float_format="%.17g"))
         return paths
 
     def write(self, out: str | os.PathLike, *, report: bool = False,

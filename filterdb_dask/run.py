@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"{PROG} analyze dataset.zarr --out results/\n"
             f"{PROG} analyze dataset.zarr --out r/ --by Task --by 'depth decile' --bins 70\n"
             f"{PROG} analyze dataset.zarr --out r/ --subset 'Visual Category=fractals'\n"
-            f"{PROG} analyze dataset.zarr --out r/ --address tcp://127.0.0.1:8786\n")
+            f"{PROG} analyze dataset.zarr --out r/ --address tcp://127.0.0.1:8786\n"
+            f"{PROG} analyze run.zarr --out r/ --by epoch --basis epoch1-results/\n")
     a.add_argument("store")
     a.add_argument("--out", required=True, help="results directory")
     a.add_argument("--by", action="append", metavar="COL",
@@ -289,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--correlate", metavar="COLUMN",
                    help="with --pairs: Spearman correlation per depth bin of each paired "
                         "model's metric with this numeric meta column (pairs_correlation.csv)")
+    a.add_argument("--basis", metavar="REF",
+                   help="an earlier result directory: project on its PCA, bin on its "
+                        "coefficient range and bins, weight the KL by its explained "
+                        "variance ratio, so numbers compare with REF's; no pass 2; "
+                        "coefficients outside REF's range are counted (out_of_range.csv); "
+                        "the store's own PCA goes to own_pca.json")
+    a.add_argument("--drift-ref", metavar="LABEL",
+                   help="reference group of the drift curves of groupings by a numeric "
+                        "column (e.g. --by epoch --drift-ref 1; default: the first group)")
     a.add_argument("--no-report", action="store_true", help="skip the HTML report")
     _add_storage_options(a)
     _add_execution_options(a)
@@ -296,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("report", "(re)build DIR/report.html and PNGs from an analysis directory",
             f"{PROG} report results/\n")
     r.add_argument("dir")
+    r.add_argument("--drift-ref", metavar="LABEL",
+                   help="reference group of the drift curves (default: the analysis's)")
 
     g = add("ingest", "add ONNX / PyTorch / safetensors / Keras models to a dataset.h5 or a store",
             f"{PROG} ingest a.onnx b.onnx --into my.h5 --task Classification "
@@ -442,6 +454,26 @@ def cmd_analyze(args) -> int:
 
     store = open_store(args.store, args.storage_options)  # fail fast, before any cluster starts
     check_out_dir(args.out)  # and before the first pass, not after the last
+    basis = None
+    if args.basis is not None:
+        from .basis import load_basis
+
+        # read and checked before any cluster starts
+        basis = load_basis(args.basis, store.filters.shape[1])
+        for flag, given, own in (("--bins", args.bins, basis.bins),
+                                 ("--fine-bins", args.fine_bins, basis.fine_bins)):
+            if given is not None and given != own:
+                raise UsageError(f"{flag} {given} with --basis: the bins are REF's "
+                                 f"({flag} {own}); leave {flag} out")
+    if args.drift_ref is not None:
+        from .analysis import _check_drift_ref
+        from .groups import default_by, make_groupings
+
+        try:
+            _check_drift_ref(make_groupings(store.meta, args.by or default_by()),
+                             args.drift_ref)
+        except FilterDBError as exc:
+            raise UsageError(str(exc)) from exc
     subsets = None
     if args.subset:
         subsets = {}
@@ -454,7 +486,8 @@ def cmd_analyze(args) -> int:
                       subsets=subsets, fine_bins=args.fine_bins, engine=args.engine,
                       execution=ex, sparsity_eps=args.sparsity_eps,
                       orthogonality=args.orthogonality, pairs=args.pairs,
-                      correlate=args.correlate, entropy_cutoffs=args.entropy_cutoffs)
+                      correlate=args.correlate, entropy_cutoffs=args.entropy_cutoffs,
+                      basis=basis, drift_ref=args.drift_ref)
     res.settings.update({"scheduler": ex.description})
     paths = res.write(args.out, report=not args.no_report, verbosity=_verbosity(args))
     print(f"results: {os.path.abspath(args.out)}")
@@ -508,7 +541,13 @@ def _ignoring_sigint_at_start(context):
 def cmd_report(args) -> int:
     from .report import write_report
 
-    print(f"report: {write_report(args.dir, verbosity=_verbosity(args))}")
+    try:
+        path = write_report(args.dir, verbosity=_verbosity(args), drift_ref=args.drift_ref)
+    except FilterDBError as exc:
+        if args.drift_ref is None or not str(exc).startswith("`drift_ref`"):
+            raise
+        raise UsageError(str(exc)) from exc
+    print(f"report: {path}")
     return 0
 
 
