@@ -267,3 +267,90 @@ def test_cli_basis_and_drift_ref(shifted, tmp_path, capsys):
     assert main(["-q", "report", str(out), "--drift-ref", "2"]) == 0
     assert main(["-q", "report", str(out), "--drift-ref", "nope"]) == 2
     assert "--drift-ref 'nope'" in capsys.readouterr().err
+
+
+def _checkpoint(path, epoch):
+    """A two-conv ONNX model whose weights move away from epoch 1's as epoch grows."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i, shape in enumerate([(16, 3, 3, 3), (32, 16, 3, 3)]):
+        start = rng.normal(size=shape)
+        target = rng.normal(size=shape) + np.linspace(-1, 1, 9).reshape(3, 3)
+        t = 1 - 0.5 ** (epoch - 1)  # epoch 1: the start; later: most of the way
+        inits.append(numpy_helper.from_array(((1 - t) * start + t * target)
+                                             .astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"y{i}"], name=f"conv{i}",
+                                      pads=[1, 1, 1, 1]))
+        prev = f"y{i}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info(prev, 1, None)], inits)
+    onnx.save(helper.make_model(g, producer_name="test"), str(path))
+    return str(path)
+
+
+def _worked_example(tmp, epochs, checkpoint):
+    """The README's worked example ("Build your own filter DB"), command for command
+    (threads instead of a local cluster)."""
+    run = ["--scheduler", "threads"]
+    for e in epochs:
+        assert main(["-q", "ingest", checkpoint(e), "--into", str(tmp / "run.h5"),
+                     "--task", "Classification", "--meta", f"epoch={e}"]) == 0
+    assert main(["-q", "ingest", checkpoint(epochs[0]), "--into", str(tmp / "epoch1.h5"),
+                 "--task", "Classification", "--meta", f"epoch={epochs[0]}"]) == 0
+    for name in ("epoch1", "run"):
+        assert main(["-q", "convert", str(tmp / f"{name}.h5"), str(tmp / f"{name}.zarr"),
+                     *run]) == 0
+    assert main(["-q", "analyze", str(tmp / "epoch1.zarr"), "--out",
+                 str(tmp / "epoch1-results"), "--by", "epoch", "--no-report", *run]) == 0
+    assert main(["-q", "analyze", str(tmp / "run.zarr"), "--out", str(tmp / "run-results"),
+                 "--by", "epoch", "--by", "depth decile", "--basis",
+                 str(tmp / "epoch1-results"), *run]) == 0
+    res = Results.open(tmp / "run-results")
+    basis = Results.open(tmp / "epoch1-results")
+    curve = pd.read_csv(tmp / "run-results" / "drift" / "epoch.csv", index_col=0)
+    assert list(curve.index) == list(epochs)  # numeric order
+    assert curve["total"].iloc[0] == 0.0
+    np.testing.assert_array_equal(curve["total"].to_numpy(),
+                                  res.kl["epoch"][str(epochs[0])].to_numpy())
+    np.testing.assert_array_equal(res.pca.components, basis.pca.components)
+    # epoch 1 in its own basis: its histograms are the basis's, nothing out of range
+    e1 = res.grouping("epoch").codes == 0
+    np.testing.assert_array_equal(res.layer_hist[e1], basis.layer_hist)
+    assert res.out_of_range[e1].sum() == 0
+    page = (tmp / "run-results" / "report.html").read_text()
+    assert "drift_curve_epoch" in page and "Reference basis" in page
+    return res, curve
+
+
+def test_worked_example_on_onnx_checkpoints(tmp_path):
+    epochs = [1, 2, 10]  # 10 after 2: numeric order
+    res, curve = _worked_example(tmp_path, epochs,
+                                 lambda e: _checkpoint(tmp_path / f"epoch_{e}.onnx", e))
+    assert np.all(np.diff(curve["total"].to_numpy()) > 0)  # the weights keep moving away
+    assert curve["out_of_range"].iloc[-1] > 0
+
+
+@pytest.mark.slow
+def test_worked_example_with_the_digits_cnn(tmp_path):
+    """The README's example with real training: per-epoch ONNX checkpoints of the
+    digits CNN, the last one the final model."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from filterdb_dask.convert.digits import main as digits
+    from filterdb_dask.convert.onnx_extract import read_onnx
+
+    ckpt = tmp_path / "ckpt"
+    assert digits([str(tmp_path / "digits.onnx"), "--epochs", "3",
+                   "--checkpoints", str(ckpt)]) == 0
+    assert sorted(os.listdir(ckpt)) == ["epoch_1.onnx", "epoch_2.onnx", "epoch_3.onnx"]
+    last = [ly.weights for ly in read_onnx(str(ckpt / "epoch_3.onnx")).filter_layers()]
+    final = [ly.weights for ly in read_onnx(str(tmp_path / "digits.onnx")).filter_layers()]
+    assert len(last) == 3 and all(np.array_equal(a, b) for a, b in zip(last, final,
+                                                                        strict=True))
+    first = read_onnx(str(ckpt / "epoch_1.onnx")).filter_layers()[1].weights
+    assert not np.array_equal(first, last[1])
+    res, curve = _worked_example(tmp_path, [1, 2, 3], lambda e: str(ckpt / f"epoch_{e}.onnx"))
+    assert np.all(curve["total"].iloc[1:] > 0)
