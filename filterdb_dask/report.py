@@ -615,6 +615,8 @@ def write_report(out: str, *, verbosity: int | None = None,
     os.makedirs(plots_dir)
     pca = res.pca
     subsets = {_mpl_text(k): v for k, v in res.subsets.items()}
+    if res.own_pca is not None:  # in a basis, "all filters" is REF's PCA: show this store's too
+        subsets = {"this store's own PCA": res.own_pca, **subsets}
     settings = res.settings
     quality = res.quality
     plots: dict[str, str] = {}
@@ -741,6 +743,10 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
     """Every figure of the report into ``plots`` (name -> base64 PNG) and ``captions``."""
     _save(fig_explained_variance(pca, subsets), plots, "explained_variance", plots_dir)
     captions["explained_variance"] = "Cumulative explained variance: all filters and subsets."
+    if res.basis is not None:
+        captions["explained_variance"] += (
+            " In a reference basis, 'all filters' is the basis's PCA (REF's filters) and "
+            "'this store's own PCA' the PCA of the filters analysed here.")
     eig, n_flipped = eigenimage_rows(pca, subsets)
     d = len(pca.mean)
     kk = res.kernel
@@ -754,7 +760,9 @@ def _figures(res, pca, subsets, quality, plots, captions, plots_dir) -> None:
         "agree in sign with the global component closest to it (largest |cosine|); "
         f"{n_flipped} subset components were flipped. pca_subsets.json keeps the computed "
         "signs (largest-|entry| positive).")
-    _save(fig_covariance(covariance_matrix(pca)), plots, "coef_covariance", plots_dir)
+    # the store's own filters' Σ, also in a basis (REF's is REF's report)
+    _save(fig_covariance(covariance_matrix(res.own_pca or pca)), plots, "coef_covariance",
+          plots_dir)
     captions["coef_covariance"] = (
         f"Covariance matrix Σ of the scaled filters ({d} weights x0..x{d - 1}, row-major "
         f"over the {kk}x{kk} kernel, n−1 denominator), "
