@@ -354,3 +354,23 @@ def test_worked_example_with_the_digits_cnn(tmp_path):
     assert not np.array_equal(first, last[1])
     res, curve = _worked_example(tmp_path, [1, 2, 3], lambda e: str(ckpt / f"epoch_{e}.onnx"))
     assert np.all(curve["total"].iloc[1:] > 0)
+
+
+def test_basis_with_5x5_filters(shifted, tmp_path):
+    """A K×K DB in its own basis reproduces itself; a 3×3 basis does not fit it."""
+    pytest.importorskip("onnx")
+    from filterdb_dask.convert.ingest import ingest
+    from tests.test_kernel_size import conv_model
+
+    models = [conv_model(str(tmp_path / f"m{i}.onnx"), seed=i) for i in range(3)]
+    store = str(tmp_path / "db.zarr")
+    ingest(models, store, kernel=5, fields={"Visual Category": "natural"})
+    res = analyze(store, by=["model"], verbosity=0)
+    res.write(str(tmp_path / "ref5"))
+    again = analyze(store, by=["model"], basis=str(tmp_path / "ref5"), verbosity=0)
+    np.testing.assert_array_equal(again.layer_hist, res.layer_hist)
+    np.testing.assert_array_equal(again.kl["model"].to_numpy(), res.kl["model"].to_numpy())
+    assert again.out_of_range.shape == (len(res.meta), 25) and again.out_of_range.sum() == 0
+    again.write(str(tmp_path / "again"), report=True, verbosity=0)
+    with pytest.raises(AnalysisError, match=r"has shape \(9,\), the store's filters have 25"):
+        analyze(store, basis=str(shifted["dir"] / "ref"), verbosity=0)
