@@ -100,6 +100,9 @@ def load_basis(ref, n_features: int) -> Basis:
         if not np.all(np.isfinite(a)):
             raise AnalysisError(f"{where}: its {key} is not finite (a PCA of fewer than "
                                 "two filters?)")
+    if np.any(np.asarray(p.explained_variance_ratio) < 0):
+        raise AnalysisError(f"{where}: its explained_variance_ratio has negative values, "
+                            "which cannot weight the KL terms")
     coef_range = np.asarray(ref.coef_range, dtype=np.float64)
     edges = np.asarray(ref.bin_edges, dtype=np.float64)
     fine = np.asarray(ref.fine_edges, dtype=np.float64)
@@ -120,7 +123,9 @@ def load_basis(ref, n_features: int) -> Basis:
         raise AnalysisError(f"{where}: its fine bin edges are not its bins cut in {sub} "
                             "equal parts")
     fine_bins = ref.settings.get("fine_bins")
-    if not (isinstance(fine_bins, int) and fine_bins >= 1 and -(-fine_bins // bins) == sub):
+    usable = (isinstance(fine_bins, int) and not isinstance(fine_bins, bool)
+              and fine_bins >= 1 and -(-fine_bins // bins) == sub)
+    if not usable:  # the setting is only a record: the edges decide
         fine_bins = bins * sub
     pca = PCA(n_filters=int(p.n_filters),
               **{k: np.array(getattr(p, k), dtype=np.float64) for k in PCA.ARRAYS})

@@ -225,6 +225,11 @@ def test_bad_basis_is_one_line(shifted, tmp_path, capsys):
     with pytest.raises(AnalysisError, match=r"mean has shape \(4,\), the store's filters "
                                             r"have 9 values"):
         analyze(store, basis=flat, verbosity=0)
+    neg = Results.open(d / "ref")
+    neg.pca = dataclasses.replace(neg.pca,
+                                  explained_variance_ratio=-neg.pca.explained_variance_ratio)
+    with pytest.raises(AnalysisError, match="negative values"):
+        load_basis(neg, 9)
     bent = Results.open(d / "ref")
     bent.bin_edges = bent.bin_edges.copy()
     bent.bin_edges[3] += 1e-3
