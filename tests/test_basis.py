@@ -379,3 +379,20 @@ def test_basis_with_5x5_filters(shifted, tmp_path):
     again.write(str(tmp_path / "again"), report=True, verbosity=0)
     with pytest.raises(AnalysisError, match=r"has shape \(9,\), the store's filters have 25"):
         analyze(store, basis=str(shifted["dir"] / "ref"), verbosity=0)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+def test_basis_results_do_not_depend_on_chunking_or_engine(shifted, tmp_path, engine):
+    from filterdb_dask.engines import numba_available
+
+    if engine == "numba" and not numba_available():
+        pytest.skip("numba not installed")
+    d = shifted["dir"]
+    other = str(tmp_path / "c.zarr")
+    convert(str(d / "all.h5"), other, chunk_filters=37, verbosity=0)
+    a = analyze(str(d / "all.zarr"), by=["epoch"], basis=str(d / "ref"), verbosity=0)
+    b = analyze(other, by=["epoch"], basis=str(d / "ref"), engine=engine, verbosity=0)
+    for name in ("layer_hist", "density", "observed_range", "out_of_range"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.fine_hist["epoch"], b.fine_hist["epoch"])
+    np.testing.assert_array_equal(a.kl["epoch"].to_numpy(), b.kl["epoch"].to_numpy())
