@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import dask
@@ -165,7 +166,6 @@ def convert(
         if complete is not None:
             return ConvertResult(target, src.n_filters, len(plan), 0, len(plan),
                                  src.unreferenced, store_dtype.name)
-        wanted.meta_sha256 = fmt.write_meta(loc, meta)
         tasks = []
         for i, (a, b) in enumerate(plan):
             if i in done:
@@ -178,7 +178,11 @@ def convert(
         ex = cluster.ensure(execution, verbosity)
         if ex.client is None:  # computed in this process: chunk buffers from the heap
             cluster.tune_allocator()
-        (results,) = ex.compute(tasks, label="convert", io_bound=True) if tasks else ((),)
+        # the meta table is written while the chunks are (it is committed with them)
+        with ThreadPoolExecutor(1, thread_name_prefix="write-meta") as pool:
+            meta_written = pool.submit(fmt.write_meta, loc, meta)
+            (results,) = ex.compute(tasks, label="convert", io_bound=True) if tasks else ((),)
+            wanted.meta_sha256 = meta_written.result()
         marks = dict(done)
         bad_total, bad_rows, changed = 0, [], []
         for res in results:
