@@ -75,7 +75,8 @@ def make_inputs(n: int, seed: int = 0, kernel: int = 3) -> dict:
     pca = K.pca_finalize(nn, mu, m2)
     c = K.project(K.scale_filters(x), pca["mean"], pca["components"])
     lo, hi = float(c.min()), float(c.max())
-    return {"n": n, "kernel": kernel, "chunks": chunks, "mean": pca["mean"], "components": pca["components"],
+    return {"n": n, "kernel": kernel, "chunks": chunks, "mean": pca["mean"],
+            "components": pca["components"],
             "edges": K.histogram_edges(70, lo, hi),
             "density_edges": np.linspace(-3.3, 3.3, 513), "n_groups": n_groups,
             "fine_per_bin": 4}

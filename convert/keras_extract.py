@@ -35,8 +35,8 @@ an ONNX export. Transposed convs are left out (as ONNX ``ConvTranspose``).
 ``conv_depth`` is the position of the kernel in layer order.
 
 The file is hostile input and is read with the dataset reader's guards
-(:func:`filterdb_dask.convert.read.node`, :func:`filterdb_dask.convert.read.check_storage`): only objects
-reached through hard links, never soft or external links, external raw storage or
+(:func:`filterdb_dask.convert.read.node`, :func:`filterdb_dask.convert.read.check_storage`):
+only objects reached through hard links, never soft or external links, external raw storage or
 virtual datasets, and a dataset whose declared size its storage cannot hold is
 refused before it is read.
 """
@@ -76,8 +76,9 @@ def keras_layout(f) -> str | None:
 
 
 def _walk(group, rel: str, path: str):
-    """``group[rel]`` one path component at a time, each through :func:`filterdb_dask.convert.read.node`
-    (hard links only; external links, soft links, external and virtual data refused)."""
+    """``group[rel]`` one path component at a time, each through
+    :func:`filterdb_dask.convert.read.node` (hard links only; external links, soft links,
+    external and virtual data refused)."""
     import h5py
 
     obj = group

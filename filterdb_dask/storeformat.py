@@ -1,9 +1,9 @@
 """The filter store's format: the one module that writes it, reads it and checks it.
 
-Owner of the store-format contract (issue 11.1). ``convert`` (new stores, resume),
-``filterdb_dask.convert.ingest`` (appends), ``filterdb_dask.convert.verify`` and :func:`filterdb_dask.open_store`
-plan what to do and call this module; none of them spells an attribute, a path or a
-codec itself.
+Owner of the store-format contract (issue 11.1). ``filterdb_dask.convert.write`` (new
+stores, resume), ``filterdb_dask.convert.ingest`` (appends), ``filterdb_dask.convert.verify``
+and :func:`filterdb_dask.open_store` plan what to do and call this module; none of them
+spells an attribute, a path or a codec itself.
 
 Layout (Zarr v3 directory)::
 

@@ -72,7 +72,7 @@ def _coefs(xs, mean, comps):
 
 
 def test_basis_of_the_first_half_against_numpy(shifted):
-    d, x, meta, refres = shifted["dir"], shifted["x"], shifted["meta"], shifted["ref"]
+    d, x, meta = shifted["dir"], shifted["x"], shifted["meta"]
     res = analyze(str(d / "all.zarr"), by=shifted["by"], basis=str(d / "ref"), verbosity=0)
     basis = Results.open(d / "ref")
     lo, hi = basis.coef_range
@@ -121,7 +121,7 @@ def test_basis_of_the_first_half_against_numpy(shifted):
 
 
 def test_self_basis_reproduces_the_original_bit_for_bit(shifted, tmp_path):
-    d, refres = shifted["dir"], shifted["ref"]
+    d = shifted["dir"]
     res = analyze(str(d / "a.zarr"), by=shifted["by"], basis=str(d / "ref"), verbosity=0)
     res.write(str(tmp_path / "self"))
     a = xr.open_zarr(d / "ref" / "results.zarr", consolidated=False).load()
