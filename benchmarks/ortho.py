@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     variants = {
         "pass1": lambda: (layer_stats(store, engine=engine),),
         "pass1+orthogonality": lambda: (layer_stats(store, engine=engine),
-                                        orthogonality(store)),
+                                        orthogonality(store, engine=engine)),
     }
     for make in variants.values():  # warm-up: numba compile, page cache
         dask.compute(*make(), scheduler="synchronous")

@@ -32,10 +32,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import kernels as _np_kernels
 from .kernels import (
     LANES,
     STAT_N,
     SWEEP_BLOCK,
+    normalized_columns,
+    ortho_finalize,
     pairs,
     stat_layout,
     sweep_from_band_sums,
@@ -675,3 +678,46 @@ def sparsity_sweep_chunk(x: np.ndarray, bounds: np.ndarray, eps: np.ndarray) -> 
     s2 = np.zeros((nl, e + 1, d * d))
     _sweep_core(x, bounds, np.ascontiguousarray(eps[order]), cnt, s1, s2)
     return sweep_from_band_sums(bounds, order, cnt, s1, s2)
+
+
+ORTHO_ROWS = 8  # Gram rows built together: one pass over Ŵ serves 8 rows
+
+
+@njit(**_OPTS)
+def _ortho_upper_abs_sum(wt, c, m):
+    """Σ_{i<j} |Ĝ_ij| in the order of :func:`kernels.orthogonality_rows`: each Gram
+    entry over k from 0.0, each row's |entries| left to right, rows in order."""
+    total = 0.0
+    rows = np.empty((ORTHO_ROWS, c))
+    for r0 in range(0, c - 1, ORTHO_ROWS):
+        nr = min(ORTHO_ROWS, c - 1 - r0)
+        for rr in range(nr):
+            for s in range(c):
+                rows[rr, s] = 0.0
+        for k in range(m):
+            for rr in range(nr):
+                r = r0 + rr
+                a = wt[k, r]
+                for s in range(r + 1, c):
+                    rows[rr, s] += a * wt[k, s]
+        for rr in range(nr):
+            acc = 0.0
+            for s in range(r0 + rr + 1, c):
+                acc += abs(rows[rr, s])
+            total += acc
+    return total
+
+
+def orthogonality_rows(w: np.ndarray) -> float:
+    """Compiled twin of :func:`kernels.orthogonality_rows` (same bits)."""
+    w = np.asarray(w, dtype=np.float64)
+    c = w.shape[0]
+    if c < 2:
+        return float("nan")
+    wt = normalized_columns(w)
+    return ortho_finalize(_ortho_upper_abs_sum(wt, c, wt.shape[0]), c)
+
+
+def orthogonality_chunk(x: np.ndarray, bounds: np.ndarray, out_channels: np.ndarray) -> np.ndarray:
+    """Compiled twin of :func:`kernels.orthogonality_chunk` (same bits)."""
+    return _np_kernels.orthogonality_chunk(x, bounds, out_channels, _rows=orthogonality_rows)

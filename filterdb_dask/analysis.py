@@ -268,7 +268,7 @@ def analyze(
     if orthogonality is None:
         orthogonality = config.get("analysis.orthogonality")
     # None: switched off, or the store records no weight shapes
-    ortho_lazy = layer_orthogonality(store) if orthogonality else None
+    ortho_lazy = layer_orthogonality(store, engine=engine) if orthogonality else None
     if ortho_lazy is not None:
         pass1.append(ortho_lazy)
     label = "pass 1/3 moments+quality" if ref is None else "pass 1/2 moments+quality"

@@ -64,4 +64,5 @@ def get_kernels(engine: str = "auto") -> SimpleNamespace:
         range_density_chunk=mod.range_density_chunk,
         histogram_chunk=mod.histogram_chunk,
         sparsity_sweep_chunk=mod.sparsity_sweep_chunk,
+        orthogonality_chunk=mod.orthogonality_chunk,
     )

@@ -994,8 +994,9 @@ def orthogonality_rows(w: np.ndarray) -> float:
     Every sum runs in a fixed order that depends only on the layer's shape, never on
     BLAS, threads or memory layout: a norm adds the squares column by column; a Gram
     entry adds its products ``ŵ_ik ŵ_jk`` for k = 0, 1, ... from 0.0; the ``|Ĝ_ij|``,
-    i < j, are summed per block of rows (numpy's pairwise sum of a fixed-shape
-    array), the blocks in row order. So a layer gives the same bits in any chunking.
+    i < j, are summed row by row, left to right, into a row sum, and the row sums in
+    row order into the total. So a layer gives the same bits in any chunking, and the
+    compiled twin (same additions, no fused multiply-add) the same bits as this.
     Memory: the layer plus two blocks of ``ORTHO_BLOCK_ENTRIES`` Gram entries, any c.
 
     Parameters
@@ -1008,16 +1009,11 @@ def orthogonality_rows(w: np.ndarray) -> float:
     float
     """
     w = np.asarray(w, dtype=np.float64)
-    c, m = w.shape
+    c = w.shape[0]
     if c < 2:
         return float("nan")
-    wt = np.ascontiguousarray(w.T)  # (m, c): column k of W is one contiguous row
-    sq = np.zeros(c)
-    for k in range(m):
-        sq += wt[k] * wt[k]
-    norm = np.sqrt(sq)
-    np.divide(wt, norm, out=wt, where=norm > 0)
-    wt[:, norm == 0] = 0.0
+    wt = normalized_columns(w)
+    m = wt.shape[0]
     step = max(1, min(c, ORTHO_BLOCK_ENTRIES // c))
     total = 0.0
     for i0 in range(0, c, step):
@@ -1028,11 +1024,32 @@ def orthogonality_rows(w: np.ndarray) -> float:
             np.multiply.outer(wt[k, i0:i1], wt[k, i0:], out=tmp)
             g += tmp
         np.abs(g, out=g)
-        total += float(np.triu(g, 1).sum())  # j > i only
-    return 1.0 - 2.0 * total / (c * (c - 1))
+        # j > i only; each row left to right (cumsum is sequential), rows in order
+        for v in np.cumsum(np.triu(g, 1), axis=1)[:, -1]:
+            total += v
+    return ortho_finalize(total, c)
 
 
-def orthogonality_chunk(x: np.ndarray, bounds: np.ndarray, out_channels: np.ndarray) -> np.ndarray:
+def normalized_columns(w: np.ndarray) -> np.ndarray:
+    """``Ŵᵀ`` (m, c) float64, contiguous: the rows of ``w`` (c, m) divided by their
+    L2 norms (squares added column by column), all-zero rows left zero."""
+    wt = np.ascontiguousarray(np.asarray(w, dtype=np.float64).T)
+    sq = np.zeros(wt.shape[1])
+    for k in range(wt.shape[0]):
+        sq += wt[k] * wt[k]
+    norm = np.sqrt(sq)
+    np.divide(wt, norm, out=wt, where=norm > 0)
+    wt[:, norm == 0] = 0.0
+    return wt
+
+
+def ortho_finalize(upper_abs_sum: float, c: int) -> float:
+    """Orthogonality from ``Σ_{i<j} |Ĝ_ij|`` (the sum over i≠j is twice that)."""
+    return 1.0 - 2.0 * upper_abs_sum / (c * (c - 1))
+
+
+def orthogonality_chunk(x: np.ndarray, bounds: np.ndarray, out_channels: np.ndarray,
+                        _rows=None) -> np.ndarray:
     """Per-layer orthogonality of one chunk's layers (docs/method.md §7).
 
     A layer's filters are stored out-channel-major (ingest writes the weight
@@ -1061,5 +1078,5 @@ def orthogonality_chunk(x: np.ndarray, bounds: np.ndarray, out_channels: np.ndar
         if not np.isfinite(c) or c < 2 or b <= a:
             continue
         c = int(c)
-        out[i] = orthogonality_rows(np.asarray(x[a:b]).reshape(c, -1))
+        out[i] = (_rows or orthogonality_rows)(np.asarray(x[a:b]).reshape(c, -1))
     return out

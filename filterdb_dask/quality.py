@@ -127,13 +127,18 @@ def layer_out_channels(meta: pd.DataFrame) -> np.ndarray | None:
     return c
 
 
-def _ortho_task(x, bounds, c_out):
-    return (kernels.orthogonality_chunk(x, bounds, c_out),)
+def _ortho_task(x, bounds, c_out, engine):
+    return (get_kernels(engine).orthogonality_chunk(x, bounds, c_out),)
 
 
-def orthogonality(store):
+def orthogonality(store, *, engine: str = "auto"):
     """Lazy per-layer orthogonality of the raw weights (pass 1; docs/method.md §7),
     or None when the store records no weight shapes (``out_channels``).
+
+    Parameters
+    ----------
+    store : FilterStore
+    engine : 'auto', 'numba' or 'numpy' (the same bits either way).
 
     Returns
     -------
@@ -143,11 +148,12 @@ def orthogonality(store):
     Raises
     ------
     AnalysisError
-        As :func:`layer_out_channels`.
+        As :func:`layer_out_channels`, or an unknown engine.
     """
     c_out = layer_out_channels(store.meta)
     if c_out is None or not (c_out >= 2).any():
         return None
+    get_kernels(engine)
     bounds = store.chunk_bounds()
     (out,) = map_chunks(
         _ortho_task,
@@ -155,6 +161,7 @@ def orthogonality(store):
         [(b, c) for b, c in zip(bounds, store.per_chunk(c_out), strict=True)],
         outputs=[([len(b) for b in bounds], (), np.float64)],
         name="orthogonality",
+        common_args=(engine,),
     )
     return out
 

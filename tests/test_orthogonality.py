@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from filterdb_dask import kernels as K
+from filterdb_dask.engines import get_kernels, numba_available
 from filterdb_dask.errors import AnalysisError
 from filterdb_dask.quality import layer_out_channels, quality_table
 
@@ -55,13 +56,32 @@ def test_rows_match_direct_computation(c, m):
 
 
 def test_blocks_bound_memory_and_match(monkeypatch):
-    """A small block budget (the path of a huge c_out) gives the same value."""
+    """A small block budget (the path of a huge c_out) gives the same bits: the
+    summation order does not depend on the blocks."""
     rng = np.random.default_rng(3)
     w = rng.normal(size=(130, 18))
     full = K.orthogonality_rows(w)
     monkeypatch.setattr(K, "ORTHO_BLOCK_ENTRIES", 200)  # 1 row per block
-    assert K.orthogonality_rows(w) == pytest.approx(full, abs=1e-14)
+    assert K.orthogonality_rows(w) == full
     assert K.orthogonality_rows(w) == pytest.approx(direct(w), abs=1e-13)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba not installed")
+@pytest.mark.parametrize("c,m", [(2, 9), (3, 1), (9, 9), (17, 45), (64, 576), (250, 27)])
+def test_compiled_twin_gives_the_same_bits(c, m):
+    from filterdb_dask import _compiled
+
+    rng = np.random.default_rng(c * 1000 + m)
+    w = rng.normal(size=(c, m)).astype(np.float32)
+    w[c // 2] = 0.0  # a zero row
+    w[-1] = w[0] * -3.0  # a parallel one
+    assert _compiled.orthogonality_rows(w) == K.orthogonality_rows(w)
+    x = np.concatenate([rng.normal(size=(5, 9)), w.reshape(-1, 9) if m % 9 == 0
+                        else rng.normal(size=(c, 9))]).astype(np.float32)
+    b = np.array([[0, 5], [5, len(x)]])
+    co = np.array([np.nan, float(c)])
+    got = get_kernels("numba").orthogonality_chunk(x, b, co)
+    assert got.tobytes() == K.orthogonality_chunk(x, b, co).tobytes()
 
 
 def test_chunk_kernel_bits_do_not_depend_on_the_chunk():
@@ -211,6 +231,8 @@ def test_orthogonality_bits_do_not_depend_on_the_chunking(onnx_db, tmp_path):
         convert(h5, store, chunk_filters=cf, verbosity=0)
         got.append(analyze(store, by=["model"], verbosity=0).orthogonality)
     assert got[0].tobytes() == got[1].tobytes() == got[2].tobytes()
+    plain = analyze(store, by=["model"], verbosity=0, engine="numpy").orthogonality
+    assert plain.tobytes() == got[2].tobytes()  # either engine, the same bits
     off = analyze(store, by=["model"], verbosity=0, orthogonality=False)
     assert off.orthogonality is None and off.quality["orthogonality"].isna().all()
 
