@@ -248,16 +248,17 @@ def test_sparsity_sweep_in_pass_one(synth_store, tmp_path):
     np.testing.assert_array_equal(q["variance_entropy_clean_norm@0.01"].isna(),
                                   q["variance_entropy_clean_norm"].isna())
     st = open_store(synth_store)
-    x = st.filters
-    rows = np.linspace(0, len(st.meta) - 1, 12).astype(int)
-    for i in rows:  # a direct recomputation per ε from the store's filters
+    x = st.filters.compute()
+    for i in range(len(st.meta)):  # every layer, every ε: a direct recomputation
         a, e = int(st.meta["start"].iloc[i]), int(st.meta["stop"].iloc[i])
-        w = x[a:e].compute()
+        w = x[a:e]
         for eps_text in eps:
-            sp, _, vec, _ = ref.layer_quality(w, eps=float(eps_text))
+            sp, _, vec, n_clean = ref.layer_quality(w, eps=float(eps_text))
             assert q[f"sparsity@{eps_text}"].iloc[i] == pytest.approx(sp, abs=1e-15)
             np.testing.assert_allclose(q[f"variance_entropy_clean@{eps_text}"].iloc[i], vec,
                                        rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(q[f"variance_entropy_clean_norm@{eps_text}"].iloc[i],
+                                       vec / ref.entropy_norm(n_clean), rtol=1e-9, atol=1e-12)
     ds = xr.open_zarr(os.path.join(out, "results.zarr"), consolidated=False)
     np.testing.assert_array_equal(ds["quality_sparsity@0.1"].values, q["sparsity@0.1"])
     assert json.loads(ds.attrs["settings"])["sparsity_eps"] == [0.001, 0.005, 0.01, 0.05, 0.1]
