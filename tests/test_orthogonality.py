@@ -261,7 +261,6 @@ def test_result_set_keeps_orthogonality(onnx_db, tmp_path):
 
 
 def test_report_draws_orthogonality(onnx_db, tmp_path):
-    from filterdb_dask import analyze
     from filterdb_dask.convert.write import convert
 
     _, h5 = onnx_db
