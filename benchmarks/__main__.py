@@ -207,11 +207,18 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
     rows = {name: {"times": [], "peak_total_mib": 0.0, "peak_worker_mib": 0.0} for name in names}
     for rep in range(repeat):
         for name in names:
-            with MemorySampler() as mem:
-                t = time.perf_counter()
-                out = CONTENDERS[name](ctx)
-                dt = time.perf_counter() - t
             r = rows[name]
+            if "failed" in r:
+                continue
+            try:
+                with MemorySampler() as mem:
+                    t = time.perf_counter()
+                    out = CONTENDERS[name](ctx)
+                    dt = time.perf_counter() - t
+            except Exception as exc:  # a contender that cannot run this size is a result
+                r["failed"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                print(f"  {name:<32} failed: {r['failed']}", file=sys.stderr, flush=True)
+                continue
             r["times"].append(dt)
             r["peak_total_mib"] = max(r["peak_total_mib"], mem.peak_total / 2**20)
             r["peak_worker_mib"] = max(r["peak_worker_mib"], mem.peak_child / 2**20)
@@ -220,6 +227,8 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
             print(f"  {name:<32} {dt:8.2f}s", file=sys.stderr, flush=True)
     n, cores = ctx["n"], ctx["cores"]
     for r in rows.values():
+        if not r["times"]:
+            continue
         med = statistics.median(r["times"])
         r.update({"median_s": med, "min_s": min(r["times"]), "max_s": max(r["times"]),
                   "filters_per_s": n / med, "filters_per_s_per_core": n / med / cores})
@@ -369,7 +378,7 @@ def targets(run: dict, kern: dict | None = None) -> dict:
     if whole:
         val["whole_filters_per_s_per_core"] = whole["filters_per_s_per_core"]
         peers = [c[k]["median_s"] for k in PEERS if k in c and "median_s" in c[k]]
-        if "dask-ml PCA (tsqr)" in c and peers:
+        if "median_s" in c.get("dask-ml PCA (tsqr)", {}) and peers:
             val["speedup_vs_daskml_plus_fastest_peer"] = (
                 (c["dask-ml PCA (tsqr)"]["median_s"] + min(peers)) / whole["median_s"])
     for k in (1, 2, 3):
@@ -408,8 +417,9 @@ def _contender_table(run: dict, args: dict) -> list[str]:
              "peak MiB/worker | error vs float64 reference |",
              "|---|---|---|---|---|---|---|"]
     for name, r in run["contenders"].items():
-        if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+        if "skipped" in r or "median_s" not in r:
+            why = r.get("skipped") and f"skipped: {r['skipped']}" or f"failed: {r.get('failed')}"
+            lines.append(f"| {name} | {why} | | | | | |")
             continue
         err = "; ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in r.get("errors", {}).items()) or "–"

@@ -46,3 +46,21 @@ def test_counts_parse():
     assert parse_count("7") == 7
     with pytest.raises(ValueError, match="not a count: 'lots'"):
         parse_count("lots")
+
+
+def test_a_contender_that_cannot_run_is_recorded_not_fatal(monkeypatch):
+    from benchmarks import __main__ as bench
+    from benchmarks import contenders
+
+    calls = []
+
+    def boom(ctx):
+        calls.append(1)
+        raise MemoryError("needs 13 GiB on one worker")
+
+    monkeypatch.setitem(contenders.CONTENDERS, "boom", boom)
+    monkeypatch.setitem(contenders.CONTENDERS, "ok", lambda ctx: {})
+    rows = bench.run_contenders({"n": 10, "cores": 1, "reference": None}, ["boom", "ok"], 2)
+    assert rows["boom"]["failed"] == "MemoryError: needs 13 GiB on one worker"
+    assert calls == [1]  # not tried again
+    assert "median_s" not in rows["boom"] and len(rows["ok"]["times"]) == 2

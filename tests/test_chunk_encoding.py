@@ -99,3 +99,33 @@ def test_allocator_tuning_is_idempotent_and_leaves_the_environment():
     cluster.tune_allocator()
     assert cluster.tune_allocator() is False  # once per process
     assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize("codec", fmt.CODECS)
+def test_direct_read_equals_zarrs_own_read(tmp_path, monkeypatch, codec):
+    monkeypatch.setattr(fmt, "ZARR_CHUNK_ROWS", 1000)
+    x = _values(2500, "float64", seed=4)
+    path = str(tmp_path / "s")
+    mark = fmt.write_chunk(path, 0, x, 0, 2500, "float64", codec, "ab" * 32)
+    arr = fmt._open_chunk(path, 0, 0, 2500, "float64", codec)
+    assert fmt._chunk_decoder(arr) is not None
+    direct = fmt.read_chunk(path, 0, 0, 2500, "float64", codec, mark.stored_crc32c)
+    assert direct.tobytes() == arr[...].tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize("codec", fmt.CODECS)
+def test_direct_read_refuses_a_chunk_of_the_wrong_size(tmp_path, monkeypatch, codec):
+    # a stored chunk replaced by a valid encoding of half the rows, its trailer and the
+    # mark consistent: the decoder must refuse it, not return half-filled memory
+    monkeypatch.setattr(fmt, "ZARR_CHUNK_ROWS", 1000)
+    x = _values(1000, "float32", seed=5)
+    path = str(tmp_path / "s")
+    fmt.write_chunk(path, 0, x, 0, 1000, "float32", codec, "ab" * 32)
+    arr = fmt._open_chunk(path, 0, 0, 1000, "float32", codec)
+    short = fmt._chunk_encoder(arr)(x[:500])
+    (name,) = _files(path)
+    with open(os.path.join(path, name), "wb") as fh:
+        fh.write(short)
+    with pytest.raises(fmt.StoreError, match="checksum failed.*corrupt"):
+        fmt.read_chunk(path, 0, 0, 1000, "float32", codec,
+                       (int.from_bytes(short[-4:], "little"),))
