@@ -25,3 +25,25 @@ def cached_synth(directory: str, n: int) -> str:
     if not os.path.exists(h5):
         synthesize(h5, n_filters=n, n_models=max(10, n // 50_000), seed=0)
     return h5
+
+
+def time_variants(variants: dict, repeat: int) -> dict:
+    """Wall and CPU seconds of each variant (name -> zero-argument builder of dask
+    collections), computed on the synchronous scheduler after one warm-up of all
+    (numba compile, page cache), the variants alternating, ``repeat`` times."""
+    import time
+
+    import dask
+
+    for make in variants.values():
+        dask.compute(*make(), scheduler="synchronous")
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for _ in range(repeat):
+        for k, make in variants.items():
+            t, c = time.perf_counter(), time.process_time()
+            dask.compute(*make(), scheduler="synchronous")
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {"wall_s_all": wall, "wall_s_min": {k: min(v) for k, v in wall.items()},
+            "cpu_s_min": {k: min(v) for k, v in cpu.items()}}

@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
-import dask
 import numpy as np
+
+from benchmarks import time_variants
 
 #: the five thresholds of issue 13 item 4
 EPS = (0.001, 0.005, 0.01, 0.05, 0.1)
@@ -85,18 +85,8 @@ def main(argv=None) -> int:
                                                orthogonality(store, engine=engine),
                                                sparsity_sweep(store, EPS, engine=engine)),
     }
-    for make in variants.values():  # warm-up: numba compile, page cache
-        dask.compute(*make(), scheduler="synchronous")
-    wall = {k: [] for k in variants}
-    cpu = {k: [] for k in variants}
-    for _ in range(args.repeat):
-        for k, make in variants.items():
-            t, c = time.perf_counter(), time.process_time()
-            dask.compute(*make(), scheduler="synchronous")
-            wall[k].append(time.perf_counter() - t)
-            cpu[k].append(time.process_time() - c)
-    best = {k: min(v) for k, v in wall.items()}
-    best_cpu = {k: min(v) for k, v in cpu.items()}
+    times = time_variants(variants, args.repeat)
+    wall, best, best_cpu = times["wall_s_all"], times["wall_s_min"], times["cpu_s_min"]
     print(json.dumps({
         "models": args.models, "filters": store.n_filters, "chunks": store.n_chunks,
         "layers": len(store.meta), "engine": engine, "repeat": args.repeat,

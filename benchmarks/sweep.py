@@ -14,11 +14,8 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
-import dask
-
-from benchmarks import cached_synth, parse_count
+from benchmarks import cached_synth, parse_count, time_variants
 
 EPS = (0.001, 0.005, 0.01, 0.05, 0.1)
 
@@ -52,18 +49,8 @@ def main(argv=None) -> int:
         "pass1+sweep5": lambda: (layer_stats(store, engine=engine),
                                  sparsity_sweep(store, EPS, engine=engine)),
     }
-    for make in variants.values():  # warm-up: numba compile, page cache
-        dask.compute(*make(), scheduler="synchronous")
-    wall = {k: [] for k in variants}
-    cpu = {k: [] for k in variants}
-    for _ in range(args.repeat):
-        for k, make in variants.items():
-            t, c = time.perf_counter(), time.process_time()
-            dask.compute(*make(), scheduler="synchronous")
-            wall[k].append(time.perf_counter() - t)
-            cpu[k].append(time.process_time() - c)
-    best = {k: min(v) for k, v in wall.items()}
-    best_cpu = {k: min(v) for k, v in cpu.items()}
+    times = time_variants(variants, args.repeat)
+    wall, best, best_cpu = times["wall_s_all"], times["wall_s_min"], times["cpu_s_min"]
     print(json.dumps({
         "filters": n, "chunks": store.n_chunks, "layers": len(store.meta), "engine": engine,
         "eps": EPS, "repeat": args.repeat, "wall_s_min": best, "wall_s_all": wall,

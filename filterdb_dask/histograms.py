@@ -101,6 +101,21 @@ def _histogram_task(x, bounds, groups, mean, comps, edges, n_groups, fedges, eng
     return hist, fine[None]
 
 
+def _pass3_inputs(store, coef_range, bins: int, fine_bins: int, layer_groups):
+    """Bin edges of a finite ``[lo, hi]``, chunk bounds, and each chunk's
+    ``(bounds, group codes)`` (codes in meta order, (n_meta_rows, G), or None)."""
+    lo, hi = (float(v) for v in np.asarray(coef_range))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise AnalysisError(f"coefficient range {[lo, hi]!r} is not finite (no filters?)")
+    edges, fedges = bin_edges((lo, hi), bins=bins, fine_bins=fine_bins)
+    n_meta = len(store.meta)
+    if layer_groups is None:
+        layer_groups = np.full((n_meta, 0), -1, dtype=np.int64)
+    layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(n_meta, -1)
+    bounds = store.chunk_bounds()
+    return edges, fedges, bounds, list(zip(bounds, store.per_chunk(layer_groups), strict=True))
+
+
 def layer_histograms(
     store,
     pca: dict,
@@ -138,16 +153,8 @@ def layer_histograms(
         config.get("analysis.fine-bins") if fine_bins is None else fine_bins, "fine_bins")
     engine = engine or config.get("analysis.engine")
     get_kernels(engine)
-    lo, hi = (float(v) for v in np.asarray(coef_range))
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise AnalysisError(f"coefficient range {[lo, hi]!r} is not finite (no filters?)")
-    edges, fedges = bin_edges((lo, hi), bins=bins, fine_bins=fine_bins)
-    n_meta = len(store.meta)
-    if layer_groups is None:
-        layer_groups = np.full((n_meta, 0), -1, dtype=np.int64)
-    layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(n_meta, -1)
-    bounds = store.chunk_bounds()
-    per_chunk = list(zip(bounds, store.per_chunk(layer_groups), strict=True))
+    edges, fedges, bounds, per_chunk = _pass3_inputs(store, coef_range, bins, fine_bins,
+                                                     layer_groups)
     n = store.filters.numblocks[0]
     d = store.filters.shape[1]
     hist, fine = map_chunks(
@@ -222,18 +229,10 @@ def basis_histograms(
     fine_bins = _validate_bins(fine_bins, "fine_bins")
     engine = engine or config.get("analysis.engine")
     get_kernels(engine)
-    lo, hi = (float(v) for v in np.asarray(coef_range))
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise AnalysisError(f"coefficient range {[lo, hi]!r} is not finite")
-    edges, fedges = bin_edges((lo, hi), bins=bins, fine_bins=fine_bins)
+    edges, fedges, bounds, per_chunk = _pass3_inputs(store, coef_range, bins, fine_bins,
+                                                     layer_groups)
     dedges = density_edges()
     nd = len(dedges) - 1
-    n_meta = len(store.meta)
-    if layer_groups is None:
-        layer_groups = np.full((n_meta, 0), -1, dtype=np.int64)
-    layer_groups = np.asarray(layer_groups, dtype=np.int64).reshape(n_meta, -1)
-    bounds = store.chunk_bounds()
-    per_chunk = list(zip(bounds, store.per_chunk(layer_groups), strict=True))
     n = store.filters.numblocks[0]
     ncomp = np.asarray(pca.components).shape[0]
     hist, fine, rng, dens = map_chunks(
