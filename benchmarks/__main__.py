@@ -150,7 +150,6 @@ def plain_read(h5: str) -> float:
     """Seconds for a sequential h5py read of the whole filter dataset (32 MiB slices),
     from a cold cache."""
     import h5py
-
     from filterdb_dask.convert.read import read_source
 
     evict(h5)
@@ -237,8 +236,9 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
 
 def run_size(args, n: int, client) -> dict:
     """Every contender on one synthetic data set of ``n`` filters."""
-    from benchmarks.contenders import CONTENDERS, authors_in_memory, fdb_whole
     from filterdb_dask.convert.read import read_source
+
+    from benchmarks.contenders import CONTENDERS, authors_in_memory, fdb_whole
     from filterdb_dask.groups import make_grouping
     from filterdb_dask.store import open_store
 
@@ -288,8 +288,9 @@ def main(argv=None) -> int:
     sizes = [parse_count(s) for s in args.filters.split(",") if s.strip()]
     os.makedirs(args.out, exist_ok=True)
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from filterdb_dask.cluster import ExecutionOptions, local_cluster, tune_allocator
     from filterdb_dask.groups import make_grouping
     from filterdb_dask.store import open_store
 
@@ -297,8 +298,11 @@ def main(argv=None) -> int:
     print(f"kernels alone: {args.kernel_filters:,} filters, one thread", file=sys.stderr)
     report["kernels"] = kernel_speeds(args.kernel_filters, repeat=5,
                                       engines=("numba", "numpy"))
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0", memory_limit="4GiB") as cluster, \
+    # the project's default local cluster (TLS on loopback, the workers' allocator
+    # settings), sized here; the threaded contenders get the same allocator settings
+    tune_allocator()
+    with local_cluster(ExecutionOptions(workers=args.workers, threads_per_worker=1,
+                                        memory_limit="4GiB")) as cluster, \
             Client(cluster) as client:
         report["runs"] = [run_size(args, n, client) for n in sizes]
         report["scaling"] = []

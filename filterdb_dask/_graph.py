@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 from operator import getitem
 
 import numpy as np
 from dask.array import Array
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+_SHARED = contextvars.ContextVar("filterdb_dask_shared_reads", default=False)
+
+
+@contextlib.contextmanager
+def shared_reads():
+    """Build several passes over the same chunks that are computed together (e.g.
+    pass 1's moments, sparsity sweep and orthogonality): inside, :func:`map_chunks`
+    keeps each chunk's read a task of its own, so it runs once for all of them,
+    rather than nesting it in each consumer's task (one read per consumer)."""
+    token = _SHARED.set(True)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 def map_chunks(
@@ -28,6 +45,10 @@ def map_chunks(
     are stacked along the first axis. Deterministic names: the same inputs give
     the same keys, so a pass shared by several outputs runs once.
 
+    A block made by a plain store read is read inside the task (see
+    :func:`_source_tasks`); a chunk consumed by several map_chunks computed together
+    would then be read once per consumer: build those inside :func:`shared_reads`.
+
     Returns
     -------
     list of dask arrays, one per output.
@@ -40,10 +61,12 @@ def map_chunks(
     token = tokenize(func, filters.name, per_chunk_args, common_args, outputs)
     raw = f"{name}-raw-{token}"
     dsk: dict = {}
+    sources = None if _SHARED.get() else _source_tasks(filters)
     for i in range(n):
-        dsk[(raw, i)] = (func, (filters.name, i, 0), *per_chunk_args[i], *common_args)
+        block = (filters.name, i, 0) if sources is None else sources[i]
+        dsk[(raw, i)] = (func, block, *per_chunk_args[i], *common_args)
     layers = {raw: dsk}
-    deps = {raw: {filters.name}}
+    deps = {raw: set() if sources is not None else {filters.name}}
     arrays_spec = []
     for j, (first, rest, dtype) in enumerate(outputs):
         out_name = f"{name}-{j}-{token}"
@@ -53,5 +76,33 @@ def map_chunks(
         }
         deps[out_name] = {raw}
         arrays_spec.append((out_name, (tuple(first), *((r,) for r in rest)), dtype))
-    graph = HighLevelGraph.merge(HighLevelGraph(layers, deps), filters.dask)
+    graph = HighLevelGraph(layers, deps)
+    if sources is None:
+        graph = HighLevelGraph.merge(graph, filters.dask)
     return [Array(graph, nm, chunks=ch, dtype=dt) for nm, ch, dt in arrays_spec]
+
+
+def _source_tasks(filters: Array) -> list[tuple] | None:
+    """The task making each block of ``filters`` when every one of them depends on no
+    other key (a store's chunk reads, :func:`filterdb_dask.store.open_store`); None
+    otherwise.
+
+    Such a task is nested inside the consumer's task: the chunk is read and reduced in
+    one task, so no chunk-sized result waits in worker memory for a second task
+    (which Dask does not fuse when a task has several outputs) and each chunk costs
+    one scheduling round, not two.
+    """
+    layers = filters.dask.layers
+    layer = layers.get(filters.name)
+    if (len(layers) != 1 or not isinstance(layer, MaterializedLayer)
+            or filters.dask.dependencies.get(filters.name)):
+        return None
+    out = []
+    for i in range(filters.numblocks[0]):
+        task = layer.get((filters.name, i, 0))
+        if not (isinstance(task, tuple) and task and callable(task[0])
+                and not any(isinstance(a, tuple) and a and callable(a[0]) for a in task[1:])):
+            return None
+        out.append(task)
+    return out
+

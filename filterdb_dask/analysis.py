@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import cluster, config
+from ._graph import shared_reads
 from .errors import AnalysisError
 from .groups import default_by, make_grouping, make_groupings
 from .histograms import (
@@ -262,15 +263,21 @@ def analyze(
         meta, default_subsets(meta) if subsets is None else subsets
     )
     # pass 1
-    pass1 = [layer_stats(store, engine=engine)]
-    if sparsity_eps:  # same chunks, same compute: no further read of the filters
-        pass1.append(sparsity_sweep(store, sparsity_eps, engine=engine))
     if orthogonality is None:
         orthogonality = config.get("analysis.orthogonality")
-    # None: switched off, or the store records no weight shapes
-    ortho_lazy = layer_orthogonality(store, engine=engine) if orthogonality else None
-    if ortho_lazy is not None:
-        pass1.append(ortho_lazy)
+
+    def pass1_graphs():
+        lazies = [layer_stats(store, engine=engine)]
+        if sparsity_eps:
+            lazies.append(sparsity_sweep(store, sparsity_eps, engine=engine))
+        # None: switched off, or the store records no weight shapes
+        ortho = layer_orthogonality(store, engine=engine) if orthogonality else None
+        return lazies + ([] if ortho is None else [ortho]), ortho
+
+    pass1, ortho_lazy = pass1_graphs()
+    if len(pass1) > 1:  # several kernels on the same chunks: each chunk read once
+        with shared_reads():
+            pass1, ortho_lazy = pass1_graphs()
     label = "pass 1/3 moments+quality" if ref is None else "pass 1/2 moments+quality"
     stats_sorted, *rest = ex.compute(*pass1, label=label)
     stats = store.to_meta_order(stats_sorted)

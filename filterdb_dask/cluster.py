@@ -465,6 +465,8 @@ def mpi_roles(opts: ExecutionOptions, *, verbosity: int = 1):
         # the scheduler and workers say only what is fatal (as the local cluster's
         # workers do); a task's error reaches the client, which reports it
         logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    if rank >= 2:
+        tune_allocator()  # the worker runs in this process (no nanny to set it)
     with dask.config.set(settings):
         is_client = dask_mpi.initialize(
             interface=interface, nthreads=threads,
@@ -497,6 +499,8 @@ def execution(opts: ExecutionOptions | None = None, *, command: str = "analyze",
     if opts.dry_run:
         raise UsageError("a dry run computes nothing: print job_script(opts) instead")
     if kind in ("threads", "processes", "synchronous"):
+        if kind != "processes":
+            tune_allocator()  # the chunk buffers are allocated in this process
         yield Execution(f"dask {kind} scheduler", scheduler=kind, verbosity=verbosity)
         return
     from distributed import Client

@@ -182,6 +182,51 @@ def test_builders_do_not_compute(synth_store):
     assert hist.shape == (len(store.meta), 9, 7) and dens.shape == (512, 512)
 
 
+def test_each_chunk_is_read_inside_the_task_that_reduces_it(synth_store):
+    """A pass over a store is one task per chunk (read + kernel), with no chunk-sized
+    result between two tasks; an array derived from the store keeps the plain
+    dependency, and both give the same numbers."""
+    store = open_store(synth_store)
+    pca = PCA(n_filters=2, mean=np.zeros(9), components=np.eye(9),
+              explained_variance=np.ones(9), explained_variance_ratio=np.full(9, 1 / 9),
+              covariance=np.eye(9))
+    rng, dens = coef_range_density(store, pca)
+    keys = [k[0] if isinstance(k, tuple) else k for k in dict(dens.__dask_graph__())]
+    assert not [k for k in keys if k.startswith(store.filters.name)]
+    assert len([k for k in keys if k.startswith("coef-range-density-raw")]) \
+        == store.filters.numblocks[0]
+    derived = store.filters + 0  # not a plain read: its blocks stay their own tasks
+    plain = type(store)(**{**store.__dict__, "filters": derived})
+    rng2, dens2 = coef_range_density(plain, pca)
+    keys2 = [k[0] if isinstance(k, tuple) else k for k in dict(dens2.__dask_graph__())]
+    assert any(k.startswith("add-") for k in keys2)
+    with dask.config.set(scheduler="sync"):
+        a = dask.compute(rng, dens)
+        b = dask.compute(rng2, dens2)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("eps", [[], [0.01, 0.1]])
+def test_every_chunk_is_read_once_per_pass(synth_store, monkeypatch, eps):
+    """Three passes read each chunk three times, also when pass 1 runs several
+    kernels on it (moments and the sparsity sweep)."""
+    from filterdb_dask import storeformat
+
+    calls = []
+    real = storeformat.read_chunk
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storeformat, "read_chunk", counting)
+    store = open_store(synth_store)
+    with dask.config.set(scheduler="sync"):
+        analyze(store, sparsity_eps=eps, verbosity=0)
+    assert sorted(calls) == sorted(list(range(store.n_chunks)) * 3)
+
+
 def test_bad_options(synth_store):
     with pytest.raises(AnalysisError, match="cannot group by 'Colour'"):
         analyze(synth_store, by=["Colour"], verbosity=0)

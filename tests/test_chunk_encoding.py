@@ -129,3 +129,36 @@ def test_direct_read_refuses_a_chunk_of_the_wrong_size(tmp_path, monkeypatch, co
     with pytest.raises(fmt.StoreError, match="checksum failed.*corrupt"):
         fmt.read_chunk(path, 0, 0, 1000, "float32", codec,
                        (int.from_bytes(short[-4:], "little"),))
+
+
+def test_direct_write_replaces_a_planted_link_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    # the writer renames a fresh file over the chunk's name: a link planted there is
+    # replaced, never written through, and no temporary file stays behind
+    monkeypatch.setattr(fmt, "ZARR_CHUNK_ROWS", 1000)
+    x = _values(1000, "float32", seed=6)
+    path = str(tmp_path / "s")
+    fmt.write_chunk(path, 0, x, 0, 1000, "float32", "lz4", "ab" * 32)
+    (name,) = _files(path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.remove(os.path.join(path, name))
+    os.symlink(victim, os.path.join(path, name))
+    mark = fmt.write_chunk(path, 0, x, 0, 1000, "float32", "lz4", "ab" * 32)
+    assert victim.read_bytes() == b"keep"
+    assert not os.path.islink(os.path.join(path, name))
+    assert list(_files(path)) == [name]  # no *.partial left
+    back = fmt.read_chunk(path, 0, 0, 1000, "float32", "lz4", mark.stored_crc32c)
+    assert back.tobytes() == x.tobytes()
+
+
+def test_blosc_frames_decode_alike_in_both_libraries():
+    # c-blosc2 reads the Blosc 1 frames Zarr writes exactly as c-blosc 1 does
+    import numcodecs
+
+    x = _values(5000, "float32", seed=7).view(np.uint8).reshape(-1)
+    for shuffle in (0, 1, 2):
+        frame = np.frombuffer(numcodecs.Blosc("lz4", 5, shuffle, typesize=4).encode(x),
+                              dtype=np.uint8)
+        out = np.empty_like(x)
+        fmt._blosc_decompress()(frame, out)
+        assert out.tobytes() == x.tobytes()

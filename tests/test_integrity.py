@@ -109,6 +109,30 @@ def _symlink(s):
     os.symlink(os.path.abspath(_chunk_file(s, 1)), p)
 
 
+def _fifo(s):
+    # a reader that opened it would wait for a writer forever
+    p = _chunk_file(s, 1)
+    os.remove(p)
+    os.mkfifo(p)
+
+
+def _device(s):
+    p = _chunk_file(s, 1)
+    os.remove(p)
+    os.symlink("/dev/zero", p)  # endless bytes
+
+
+def _directory(s):
+    p = _chunk_file(s, 1)
+    os.remove(p)
+    os.mkdir(p)
+
+
+def _grown(s):
+    with open(_chunk_file(s, 1), "ab") as fh:  # far more bytes than any encoding
+        fh.truncate(64 << 20)
+
+
 def _dtype_edit(s):
     _edit_json(os.path.join(s, "filters", "00001", "zarr.json"),
                lambda md: md.update(data_type="float64"))
@@ -133,6 +157,10 @@ TAMPER = {
     "truncate": (_truncate, "its stored Zarr chunk 0 is not the one written"),
     "delete": (_delete, "its stored Zarr chunk 0 is missing"),
     "symlink": (_symlink, "chunk 2 (rows 10000:15000)"),
+    "fifo": (_fifo, "chunk 1 (rows 5000:10000)"),
+    "device": (_device, "chunk 1 (rows 5000:10000)"),
+    "directory": (_directory, "chunk 1 (rows 5000:10000)"),
+    "grown": (_grown, "its stored Zarr chunk 0 is not the one written"),
     "dtype-edit": (_dtype_edit, "(data_type edited)"),
     "shape-edit": (_shape_edit, "(shape edited)"),
     "meta-edit": (_meta_edit, "meta table"),
