@@ -81,9 +81,10 @@ def _scale_block(x, r0, n, S, P):
     Its own loops, not ``_load_block(x, r0, n, S, S, P)``: with W and S the same
     array LLVM's run-time alias check fails and every loop runs scalar (2x slower)."""
     nf = x.shape[1]
-    for r in range(n):
-        for j in range(nf):
-            S[j, r] = np.float64(x[r0 + r, j])
+    flat = x.reshape(-1)  # C-contiguous: a view
+    for j in range(nf):  # value-major reads: pass 3 1.1x faster than the row order
+        for r in range(n):
+            S[j, r] = np.float64(flat[(r0 + r) * nf + j])
     for r in range(n):
         P[r] = abs(S[0, r])
     for j in range(1, nf):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Sequence
 from operator import getitem
 
@@ -106,3 +107,99 @@ def _source_tasks(filters: Array) -> list[tuple] | None:
         out.append(task)
     return out
 
+
+
+# ---------------------------------------------------------------- reductions
+def concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Reducer: the chunks' blocks stacked in chunk order (first axis)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def total(parts: list[np.ndarray]) -> np.ndarray:
+    """Reducer: the sum of the chunks' blocks (integer counts: exact in any order)."""
+    out = np.array(parts[0], copy=True)
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def span(parts: list[np.ndarray]) -> np.ndarray:
+    """Reducer: ``[[min of column 0, max of column 1]]`` of (1, 2) ``[lo, hi]`` blocks
+    (NaN wins, as np.min/np.max)."""
+    a = concat(parts)
+    return np.array([[a[:, 0].min(), a[:, 1].max()]])
+
+
+def _combine(reducers, *parts):
+    return tuple(r([p[j] for p in parts]) for j, r in enumerate(reducers))
+
+
+def map_reduce_chunks(
+    func: Callable,
+    filters: Array,
+    per_chunk_args: Sequence[tuple],
+    *,
+    reducers: Sequence[Callable[[list[np.ndarray]], np.ndarray]],
+    outputs: Sequence[tuple[tuple, np.dtype]],
+    name: str,
+    common_args: tuple = (),
+    split_every: int = 8,
+) -> list[Array]:
+    """:func:`map_chunks` whose outputs are reduced over all chunks in one tree of
+    tasks: each node combines up to ``split_every`` consecutive chunks' tuples with
+    ``reducers[j]`` for output ``j`` (:func:`concat`, :func:`total`, :func:`span` or
+    any associative, order-keeping function of a list of arrays).
+
+    One task per chunk and about ``n / (split_every - 1)`` small ones in all, where
+    one dask reduction per output builds a tree per output (and a getitem per chunk):
+    each small task costs a worker a scheduling round trip of milliseconds.
+
+    Returns
+    -------
+    list of single-block dask arrays, output ``j`` of shape ``outputs[j][0]``.
+    """
+    if filters.numblocks[1] != 1:
+        raise ValueError("filters must have a single chunk along the K² values")
+    if split_every < 2:
+        raise ValueError("split_every must be at least 2")
+    n = filters.numblocks[0]
+    if len(per_chunk_args) != n or n == 0:
+        raise ValueError(f"{len(per_chunk_args)} argument sets for {n} chunks")
+    reducers = tuple(reducers)
+    token = tokenize(func, filters.name, per_chunk_args, common_args, outputs, reducers,
+                     split_every)
+    raw = f"{name}-raw-{token}"
+    sources = None if _SHARED.get() else _source_tasks(filters)
+    dsk: dict = {}
+    for i in range(n):
+        block = (filters.name, i, 0) if sources is None else sources[i]
+        dsk[(raw, i)] = (func, block, *per_chunk_args[i], *common_args)
+    combine = functools.partial(_combine, reducers)  # not a tuple: no nested task
+    level, keys = 0, [(raw, i) for i in range(n)]
+    tree = f"{name}-reduce-{token}"
+    while len(keys) > 1 or level == 0:
+        nxt = []
+        for g in range(0, len(keys), split_every):
+            key = (tree, level, g // split_every)
+            dsk[key] = (combine, *keys[g:g + split_every])
+            nxt.append(key)
+        keys, level = nxt, level + 1
+    (root,) = keys
+    layer = f"{name}-{token}"
+    layers = {layer: dsk}
+    deps = {layer: set() if sources is not None else {filters.name}}
+    specs = []
+    for j, (shape, dtype) in enumerate(outputs):
+        out_name = f"{name}-{j}-{token}"
+        layers[out_name] = {(out_name, *((0,) * len(shape))):
+                            (_reshape, (getitem, root, j), tuple(shape))}
+        deps[out_name] = {layer}
+        specs.append((out_name, tuple((s,) for s in shape), dtype))
+    graph = HighLevelGraph(layers, deps)
+    if sources is None:
+        graph = HighLevelGraph.merge(graph, filters.dask)
+    return [Array(graph, nm, chunks=ch, dtype=dt) for nm, ch, dt in specs]
+
+
+def _reshape(a: np.ndarray, shape: tuple) -> np.ndarray:
+    return np.asarray(a).reshape(shape)

@@ -169,6 +169,21 @@ def tune_allocator() -> bool:
     return done
 
 
+def _saturation(value) -> float:
+    """``worker-saturation`` of the package config: a number > 0 or inf (null: Dask's
+    own setting)."""
+    if value is None:
+        return dask.config.get("distributed.scheduler.worker-saturation")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not v > 0:
+        raise UsageError(f"filterdb_dask worker-saturation must be a number > 0 or inf, "
+                         f"got {value!r}")
+    return v
+
+
 def _say(msg: str, verbosity: int) -> None:
     if verbosity > 0:
         print(msg, file=sys.stderr, flush=True)
@@ -270,7 +285,9 @@ def local_cluster(opts: ExecutionOptions, *, security=None):
     dashboard = _dashboard_wanted(opts)
     security = security or temporary_security()
     settings = {"distributed.worker.daemon": True,
-                "distributed.nanny.pre-spawn-environ": dict(conf["pre-spawn-environ"] or {})}
+                "distributed.nanny.pre-spawn-environ": dict(conf["pre-spawn-environ"] or {}),
+                "distributed.scheduler.worker-saturation":
+                    _saturation(conf.get("worker-saturation"))}
     if not dashboard:
         # the scheduler and workers always run an HTTP server (plain HTTP, no TLS);
         # without the dashboard it serves nothing (no /info, /json, /metrics, proxy)
@@ -458,6 +475,8 @@ def mpi_roles(opts: ExecutionOptions, *, verbosity: int = 1):
     security = comm.bcast(security, root=0)
     dashboard = _dashboard_wanted(opts, "mpi.dashboard")
     settings = _tls_config(security)
+    settings["distributed.scheduler.worker-saturation"] = _saturation(
+        conf.get("worker-saturation"))
     if not dashboard:
         settings.update({"distributed.scheduler.http.routes": [],
                          "distributed.worker.http.routes": []})

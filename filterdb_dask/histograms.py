@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import config, kernels
-from ._graph import map_chunks
+from ._graph import concat, map_reduce_chunks, span, total
 from .engines import get_kernels
 from .errors import AnalysisError
 
@@ -58,20 +58,16 @@ def coef_range_density(
     density_bins = len(dedges) - 1
     engine = engine or config.get("analysis.engine")
     get_kernels(engine)
-    n = store.filters.numblocks[0]
-    rng, dens = map_chunks(
+    rng, dens = map_reduce_chunks(
         _range_density_task,
         store.filters,
         [(b,) for b in store.chunk_bounds()],
-        outputs=[([1] * n, (2,), np.float64), ([1] * n, (density_bins, density_bins), np.int64)],
+        reducers=[span, total],
+        outputs=[((2,), np.float64), ((density_bins, density_bins), np.int64)],
         name="coef-range-density",
         common_args=(pca.mean, pca.components, dedges, engine),
     )
-    lo = rng[:, 0].min()
-    hi = rng[:, 1].max()
-    import dask.array as da
-
-    return da.stack([lo, hi]), dens.sum(axis=0)
+    return rng, dens
 
 
 def bin_edges(coef_range, *, bins: int | None = None, fine_bins: int | None = None):
@@ -155,20 +151,19 @@ def layer_histograms(
     get_kernels(engine)
     edges, fedges, bounds, per_chunk = _pass3_inputs(store, coef_range, bins, fine_bins,
                                                      layer_groups)
-    n = store.filters.numblocks[0]
     d = store.filters.shape[1]
-    hist, fine = map_chunks(
+    n_layers = sum(len(b) for b in bounds)
+    hist, fine = map_reduce_chunks(
         _histogram_task,
         store.filters,
         per_chunk,
-        outputs=[
-            ([len(b) for b in bounds], (d, bins), np.uint32),
-            ([1] * n, (n_groups, d, len(fedges) - 1), np.int64),
-        ],
+        reducers=[concat, total],
+        outputs=[((n_layers, d, bins), np.uint32),
+                 ((n_groups, d, len(fedges) - 1), np.int64)],
         name="layer-histograms",
         common_args=(pca.mean, pca.components, edges, n_groups, fedges, engine),
     )
-    return hist, fine.sum(axis=0)
+    return hist, fine
 
 
 def group_histograms(layer_hist: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
@@ -185,8 +180,27 @@ def group_histograms(layer_hist: np.ndarray, codes: np.ndarray, n_groups: int) -
     (n_groups, K, bins) int64.
     """
     out = np.zeros((n_groups, *layer_hist.shape[1:]), dtype=np.int64)
-    ok = codes >= 0
-    np.add.at(out, codes[ok], layer_hist[ok].astype(np.int64))
+    codes = np.asarray(codes)
+    # group by group: a boolean selection and one int64 sum each (integer sums: exact
+    # in any order); np.add.at row by row is several times slower on 10^5 layers
+    for g in np.unique(codes[codes >= 0]):
+        out[g] = layer_hist[codes == g].sum(axis=0, dtype=np.int64)
+    return out
+    # the layers of a model are consecutive rows with one code: sum each run of equal
+    # codes at once, then the runs into their groups (integer sums: exact in any
+    # order); ~10x faster than np.add.at row by row
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    runs = np.add.reduceat(layer_hist, starts, axis=0, dtype=np.int64)
+    rc = codes[starts]
+    keep = rc >= 0
+    np.add.at(out, rc[keep], runs[keep])
+    return out
+    # layers sorted by group, each group's run summed at once (integer sums: exact in
+    # any order); 10x faster than np.add.at on 10^5 layers
+    order = ok[np.argsort(codes[ok], kind="stable")]
+    c = codes[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    out[c[starts]] = np.add.reduceat(layer_hist[order].astype(np.int64), starts, axis=0)
     return out
 
 
@@ -223,8 +237,6 @@ def basis_histograms(
     :func:`coef_range_density`; ``observed_range`` is the store's own ``[min, max]``
     of all coefficients in this basis.
     """
-    import dask.array as da
-
     bins = _validate_bins(bins)
     fine_bins = _validate_bins(fine_bins, "fine_bins")
     engine = engine or config.get("analysis.engine")
@@ -233,20 +245,18 @@ def basis_histograms(
                                                      layer_groups)
     dedges = density_edges()
     nd = len(dedges) - 1
-    n = store.filters.numblocks[0]
     ncomp = np.asarray(pca.components).shape[0]
-    hist, fine, rng, dens = map_chunks(
+    n_layers = sum(len(b) for b in bounds)
+    hist, fine, rng, dens = map_reduce_chunks(
         _histogram_density_task,
         store.filters,
         per_chunk,
-        outputs=[
-            ([len(b) for b in bounds], (ncomp, bins), np.uint32),
-            ([1] * n, (n_groups, ncomp, len(fedges) - 1), np.int64),
-            ([1] * n, (2,), np.float64),
-            ([1] * n, (nd, nd), np.int64),
-        ],
+        reducers=[concat, total, span, total],
+        outputs=[((n_layers, ncomp, bins), np.uint32),
+                 ((n_groups, ncomp, len(fedges) - 1), np.int64),
+                 ((2,), np.float64),
+                 ((nd, nd), np.int64)],
         name="basis-histograms",
         common_args=(pca.mean, pca.components, edges, n_groups, fedges, dedges, engine),
     )
-    return hist, fine.sum(axis=0), da.stack([rng[:, 0].min(), rng[:, 1].max()]), \
-        dens.sum(axis=0)
+    return hist, fine, rng, dens

@@ -275,6 +275,21 @@ def test_local_cluster_settings(tmp_path, monkeypatch):
         (w,) = info["workers"].values()
         assert w["memory_limit"] > 0
         assert ex.description.startswith("local distributed cluster (TLS)")
+        # every chunk task goes to the workers at once (no queueing on the scheduler)
+        sat = ex.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
+        assert sat == float(config.get("local-cluster.worker-saturation")) == float("inf")
+
+
+def test_worker_saturation_is_checked():
+    import dask
+
+    from filterdb_dask.cluster import _saturation
+
+    assert _saturation(2) == 2.0 and _saturation("inf") == float("inf")
+    assert _saturation(None) == dask.config.get("distributed.scheduler.worker-saturation")
+    for bad in (0, -1, "many", float("nan")):
+        with pytest.raises(UsageError, match="worker-saturation"):
+            _saturation(bad)
 
 
 def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
