@@ -16,6 +16,7 @@ counts. The targets of issue 12 are in the JSON with pass/fail. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -200,6 +201,33 @@ def convert_vs_read(h5: str, store: str) -> dict:
             "h5_bytes": os.path.getsize(h5)}
 
 
+@contextlib.contextmanager
+def _queueing(client, name: str):
+    """The peers run with Dask's own root-task queueing
+    (``distributed.scheduler.worker-saturation``, 1.1 unless configured), as on any
+    cluster: the project's local cluster sends every task at once (``inf``), which
+    its own one-task-per-chunk passes need no queueing for, but which lets a graph of
+    chunk-sized intermediates (dask-ml's tsqr) fill the workers' memory."""
+    ours = name.startswith(("filterdb_dask", "read floor"))
+    if client is None or ours:
+        yield
+        return
+    import dask
+
+    default = dask.config.get("distributed.scheduler.worker-saturation")
+
+    def _set(value, dask_scheduler=None):
+        old = dask_scheduler.WORKER_SATURATION
+        dask_scheduler.WORKER_SATURATION = value
+        return old
+
+    old = client.run_on_scheduler(_set, float(default))
+    try:
+        yield
+    finally:
+        client.run_on_scheduler(_set, old)
+
+
 def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
     from benchmarks.contenders import CONTENDERS, errors
 
@@ -210,7 +238,7 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
             if "failed" in r:
                 continue
             try:
-                with MemorySampler() as mem:
+                with MemorySampler() as mem, _queueing(ctx.get("client"), name):
                     t = time.perf_counter()
                     out = CONTENDERS[name](ctx)
                     dt = time.perf_counter() - t

@@ -64,3 +64,23 @@ def test_a_contender_that_cannot_run_is_recorded_not_fatal(monkeypatch):
     assert rows["boom"]["failed"] == "MemoryError: needs 13 GiB on one worker"
     assert calls == [1]  # not tried again
     assert "median_s" not in rows["boom"] and len(rows["ok"]["times"]) == 2
+
+
+def test_peers_run_with_dasks_own_queueing():
+    import dask
+    from distributed import Client
+
+    from benchmarks.__main__ import _queueing
+    from filterdb_dask.cluster import ExecutionOptions, local_cluster
+
+    def sat(dask_scheduler=None):
+        return dask_scheduler.WORKER_SATURATION
+
+    with local_cluster(ExecutionOptions(workers=1)) as cluster, Client(cluster) as client:
+        assert client.run_on_scheduler(sat) == float("inf")
+        with _queueing(client, "filterdb_dask whole analysis"):
+            assert client.run_on_scheduler(sat) == float("inf")
+        with _queueing(client, "xhistogram grouped histograms"):
+            assert client.run_on_scheduler(sat) == dask.config.get(
+                "distributed.scheduler.worker-saturation") != float("inf")
+        assert client.run_on_scheduler(sat) == float("inf")
