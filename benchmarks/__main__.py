@@ -332,7 +332,13 @@ def main(argv=None) -> int:
     with local_cluster(ExecutionOptions(workers=args.workers, threads_per_worker=1,
                                         memory_limit="4GiB")) as cluster, \
             Client(cluster) as client:
-        report["runs"] = [run_size(args, n, client) for n in sizes]
+        report["runs"] = []
+        for n in sizes:
+            # fresh workers for each size: a worker keeps up to its trim threshold of
+            # freed heap (1 GiB, local-cluster.pre-spawn-environ), so the memory a peer
+            # of the last size used would count as this size's peak
+            client.restart()
+            report["runs"].append(run_size(args, n, client))
         report["scaling"] = []
         for n in [parse_count(s) for s in args.scaling.split(",") if s.strip()]:
             print(f"scaling: {n:,} filters", file=sys.stderr)

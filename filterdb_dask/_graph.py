@@ -54,18 +54,10 @@ def map_chunks(
     -------
     list of dask arrays, one per output.
     """
-    if filters.numblocks[1] != 1:
-        raise ValueError("filters must have a single chunk along the K² values")
-    n = filters.numblocks[0]
-    if len(per_chunk_args) != n:
-        raise ValueError(f"{len(per_chunk_args)} argument sets for {n} chunks")
+    n = len(per_chunk_args)
     token = tokenize(func, filters.name, per_chunk_args, common_args, outputs)
     raw = f"{name}-raw-{token}"
-    dsk: dict = {}
-    sources = None if _SHARED.get() else _source_tasks(filters)
-    for i in range(n):
-        block = (filters.name, i, 0) if sources is None else sources[i]
-        dsk[(raw, i)] = (func, block, *per_chunk_args[i], *common_args)
+    dsk, sources = _chunk_tasks(func, filters, per_chunk_args, common_args, raw)
     layers = {raw: dsk}
     deps = {raw: set() if sources is not None else {filters.name}}
     arrays_spec = []
@@ -81,6 +73,23 @@ def map_chunks(
     if sources is None:
         graph = HighLevelGraph.merge(graph, filters.dask)
     return [Array(graph, nm, chunks=ch, dtype=dt) for nm, ch, dt in arrays_spec]
+
+
+def _chunk_tasks(func, filters: Array, per_chunk_args, common_args, raw: str):
+    """``{(raw, i): func(block i, *per_chunk_args[i], *common_args)}`` and the store
+    reads nested in them (:func:`_source_tasks`; None: the tasks depend on
+    ``filters``' keys)."""
+    if filters.numblocks[1] != 1:
+        raise ValueError("filters must have a single chunk along the K² values")
+    n = filters.numblocks[0]
+    if len(per_chunk_args) != n:
+        raise ValueError(f"{len(per_chunk_args)} argument sets for {n} chunks")
+    sources = None if _SHARED.get() else _source_tasks(filters)
+    dsk: dict = {}
+    for i in range(n):
+        block = (filters.name, i, 0) if sources is None else sources[i]
+        dsk[(raw, i)] = (func, block, *per_chunk_args[i], *common_args)
+    return dsk, sources
 
 
 def _source_tasks(filters: Array) -> list[tuple] | None:
@@ -158,22 +167,16 @@ def map_reduce_chunks(
     -------
     list of single-block dask arrays, output ``j`` of shape ``outputs[j][0]``.
     """
-    if filters.numblocks[1] != 1:
-        raise ValueError("filters must have a single chunk along the K² values")
     if split_every < 2:
         raise ValueError("split_every must be at least 2")
-    n = filters.numblocks[0]
-    if len(per_chunk_args) != n or n == 0:
-        raise ValueError(f"{len(per_chunk_args)} argument sets for {n} chunks")
+    if not per_chunk_args:
+        raise ValueError("0 argument sets: no chunks to reduce")
+    n = len(per_chunk_args)
     reducers = tuple(reducers)
     token = tokenize(func, filters.name, per_chunk_args, common_args, outputs, reducers,
                      split_every)
     raw = f"{name}-raw-{token}"
-    sources = None if _SHARED.get() else _source_tasks(filters)
-    dsk: dict = {}
-    for i in range(n):
-        block = (filters.name, i, 0) if sources is None else sources[i]
-        dsk[(raw, i)] = (func, block, *per_chunk_args[i], *common_args)
+    dsk, sources = _chunk_tasks(func, filters, per_chunk_args, common_args, raw)
     combine = functools.partial(_combine, reducers)  # not a tuple: no nested task
     level, keys = 0, [(raw, i) for i in range(n)]
     tree = f"{name}-reduce-{token}"
