@@ -151,6 +151,7 @@ def plain_read(h5: str) -> float:
     """Seconds for a sequential h5py read of the whole filter dataset (32 MiB slices),
     from a cold cache."""
     import h5py
+
     from filterdb_dask.convert.read import read_source
 
     evict(h5)
@@ -264,9 +265,8 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
 
 def run_size(args, n: int, client) -> dict:
     """Every contender on one synthetic data set of ``n`` filters."""
-    from filterdb_dask.convert.read import read_source
-
     from benchmarks.contenders import CONTENDERS, authors_in_memory, fdb_whole
+    from filterdb_dask.convert.read import read_source
     from filterdb_dask.groups import make_grouping
     from filterdb_dask.store import open_store
 

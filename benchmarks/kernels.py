@@ -45,8 +45,8 @@ TARGET_PER_THREAD = 30e6
 
 def make_inputs(n: int, seed: int = 0, kernel: int = 3) -> dict:
     """In-memory chunks and every argument the three kernels take (KxK filters)."""
-    from filterdb_dask.convert.synth import iter_filters, model_meta, plan_layers
     from filterdb_dask import kernels as K
+    from filterdb_dask.convert.synth import iter_filters, model_meta, plan_layers
     from filterdb_dask.groups import depth_decile_codes
 
     n_models = max(8, min(800, n // 500_000))

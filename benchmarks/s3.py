@@ -29,9 +29,9 @@ def main(argv=None) -> dict:
     import fsspec
     from moto.server import ThreadedMotoServer
 
+    from filterdb_dask.analysis import analyze
     from filterdb_dask.convert.synth import synthesize
     from filterdb_dask.convert.write import convert
-    from filterdb_dask.analysis import analyze
     from filterdb_dask.store import open_store
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

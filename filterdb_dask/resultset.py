@@ -628,7 +628,8 @@ def remove_stale_siblings(out: str | os.PathLike) -> list[str]:
     """
     out = os.path.abspath(os.fspath(out))
     parent, base = os.path.split(out)
-    pattern = re.compile(r"\.%s\.(writing|old)-(\d+)-([0-9a-f]{8})-[^/]+" % re.escape(base))
+    pattern = re.compile(r"\." + re.escape(base)
+                         + r"\.(writing|old)-(\d+)-([0-9a-f]{8})-[^/]+")
     removed = []
     try:
         names = os.listdir(parent)

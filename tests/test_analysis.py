@@ -14,9 +14,9 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from filterdb_dask.convert.write import convert
 from filterdb_dask import analyze, open_store
 from filterdb_dask.analysis import Results
+from filterdb_dask.convert.write import convert
 from filterdb_dask.errors import AnalysisError
 from filterdb_dask.histograms import coef_range_density, layer_histograms
 from filterdb_dask.pca import PCA, layer_stats

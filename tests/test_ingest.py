@@ -116,8 +116,8 @@ def test_real_models_against_an_independent_reading(real_models, name):
 
 
 def test_ingest_real_models_then_convert_and_analyze(real_models, tmp_path):
-    from filterdb_dask.convert.write import convert
     from filterdb_dask import analyze
+    from filterdb_dask.convert.write import convert
 
     paths = [real_models[n] for n in ["common.onnx", "common_old.onnx",
                                       "ch_ppocr_mobile_v2.0_cls_infer.onnx"]]
@@ -151,8 +151,8 @@ def test_ingest_real_models_then_convert_and_analyze(real_models, tmp_path):
 
 
 def test_append_to_store_keeps_existing_chunks(real_models, tmp_path):
-    from filterdb_dask.convert.write import convert
     from filterdb_dask import open_store
+    from filterdb_dask.convert.write import convert
 
     h5 = str(tmp_path / "a.h5")
     ingest([real_models["common.onnx"]], h5)
@@ -276,8 +276,8 @@ def test_qlinearconv_weights_are_dequantized(tmp_path):
 
 
 def test_meta_per_model_on_the_command_line_then_numeric_order(tmp_path):
-    from filterdb_dask.convert.write import convert
     from filterdb_dask import analyze
+    from filterdb_dask.convert.write import convert
     from filterdb_dask.run import main
 
     h5 = str(tmp_path / "ckpt.h5")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import zarr
 
+from filterdb_dask import storeformat as fmt
 from filterdb_dask.convert.verify import verify
 from filterdb_dask.convert.write import convert
-from filterdb_dask import storeformat as fmt
 from filterdb_dask.errors import StoreBusyError, StoreError
 from filterdb_dask.run import main
 from filterdb_dask.store import open_store

@@ -235,8 +235,8 @@ def test_one_kernel_size_per_db(models, tmp_path):
 
 @pytest.mark.parametrize("shape", [(20, 10), (20, 3, 5), (20, 16, 16), (20, 256), (20, 1)])
 def test_non_square_or_huge_filters_are_one_line_errors(tmp_path, shape):
-    from tests.conftest import simple_meta, write_h5
     from filterdb_dask.convert.write import convert
+    from tests.conftest import simple_meta, write_h5
 
     x = np.ones(shape, np.float32)
     path = write_h5(str(tmp_path / "d.h5"), x, simple_meta([20]))
@@ -328,9 +328,8 @@ def test_kernels_bit_identical_across_engines_for_any_d(d):
 
 
 def test_cli_kernel_option(models, tmp_path):
-    from tests.hostile import assert_refused
-
     from filterdb_dask.run import main
+    from tests.hostile import assert_refused
 
     h5 = str(tmp_path / "c.h5")
     assert main(["-q", "ingest", models[0], "--into", h5, "--kernel", "7"]) == 0

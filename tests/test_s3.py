@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from filterdb_dask.convert.verify import verify
-from filterdb_dask.convert.write import convert
 from filterdb_dask import storeformat as fmt
 from filterdb_dask.analysis import analyze
+from filterdb_dask.convert.verify import verify
+from filterdb_dask.convert.write import convert
 from filterdb_dask.errors import StoreBusyError, StoreError
 from filterdb_dask.store import open_store
 
