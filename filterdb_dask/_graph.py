@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from operator import getitem
 
 import numpy as np
@@ -13,20 +12,17 @@ from dask.array import Array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-_SHARED = contextvars.ContextVar("filterdb_dask_shared_reads", default=False)
 
+@dataclass(frozen=True)
+class ChunkMap:
+    """One per-chunk kernel of a pass: ``func(x_i, *per_chunk_args[i], *common_args)``
+    returns a tuple with one array per entry of ``outputs`` (see :func:`map_chunks`)."""
 
-@contextlib.contextmanager
-def shared_reads():
-    """Build several passes over the same chunks that are computed together (e.g.
-    pass 1's moments, sparsity sweep and orthogonality): inside, :func:`map_chunks`
-    keeps each chunk's read a task of its own, so it runs once for all of them,
-    rather than nesting it in each consumer's task (one read per consumer)."""
-    token = _SHARED.set(True)
-    try:
-        yield
-    finally:
-        _SHARED.reset(token)
+    func: Callable
+    per_chunk_args: Sequence[tuple]
+    outputs: Sequence[tuple[tuple, tuple, np.dtype]]
+    name: str
+    common_args: tuple = ()
 
 
 def map_chunks(
@@ -47,32 +43,80 @@ def map_chunks(
     the same keys, so a pass shared by several outputs runs once.
 
     A block made by a plain store read is read inside the task (see
-    :func:`_source_tasks`); a chunk consumed by several map_chunks computed together
-    would then be read once per consumer: build those inside :func:`shared_reads`.
+    :func:`_source_tasks`): several kernels computed together on the same chunks
+    would each read them; give them to :func:`map_together` instead.
 
     Returns
     -------
     list of dask arrays, one per output.
     """
-    n = len(per_chunk_args)
-    token = tokenize(func, filters.name, per_chunk_args, common_args, outputs)
-    raw = f"{name}-raw-{token}"
-    dsk, sources = _chunk_tasks(func, filters, per_chunk_args, common_args, raw)
+    return map_together(filters, [ChunkMap(func, per_chunk_args, outputs, name,
+                                           common_args)])[0]
+
+
+class _Calls:
+    """The kernels one task runs on its chunk: ``(func, args)`` pairs. An object of
+    its own, so Dask passes it through as it is (a tuple would be taken for a task)."""
+
+    def __init__(self, calls):
+        self.calls = tuple(calls)
+
+    def __dask_tokenize__(self):
+        return tokenize(self.calls)
+
+
+def _run_together(x, calls: _Calls) -> tuple:
+    out = ()
+    for func, args in calls.calls:
+        out += tuple(func(x, *args))
+    return out
+
+
+def map_together(filters: Array, maps: Sequence[ChunkMap]) -> list[list[Array]]:
+    """Several :func:`map_chunks` kernels in one task per chunk: each chunk is read
+    once and handed to every kernel in turn (pass 1's moments, sparsity sweep and
+    orthogonality), rather than read once per kernel, or read by a task of its own
+    whose 36 MB result waits in memory for the others.
+
+    Returns
+    -------
+    for each map, its list of dask arrays (one per output).
+    """
+    maps = list(maps)
+    n = len(maps[0].per_chunk_args)
+    if any(len(m.per_chunk_args) != n for m in maps):
+        raise ValueError("the kernels of one pass need one argument set per chunk each")
+    token = tokenize(filters.name, [(m.func, m.per_chunk_args, m.common_args, m.outputs)
+                                    for m in maps])
+    raw = "-".join(m.name for m in maps) + f"-raw-{token}"
+    if len(maps) == 1:
+        m = maps[0]
+        dsk, sources = _chunk_tasks(m.func, filters, m.per_chunk_args, m.common_args, raw)
+    else:
+        per_chunk = [(_Calls((m.func, (*m.per_chunk_args[i], *m.common_args)) for m in maps),)
+                     for i in range(n)]
+        dsk, sources = _chunk_tasks(_run_together, filters, per_chunk, (), raw)
     layers = {raw: dsk}
     deps = {raw: set() if sources is not None else {filters.name}}
-    arrays_spec = []
-    for j, (first, rest, dtype) in enumerate(outputs):
-        out_name = f"{name}-{j}-{token}"
-        zeros = (0,) * len(rest)
-        layers[out_name] = {
-            (out_name, i, *zeros): (getitem, (raw, i), j) for i in range(n)
-        }
-        deps[out_name] = {raw}
-        arrays_spec.append((out_name, (tuple(first), *((r,) for r in rest)), dtype))
+    specs = []
+    j = 0
+    for m in maps:
+        arrays = []
+        for k, (first, rest, dtype) in enumerate(m.outputs):
+            out_name = f"{m.name}-{k}-{token}"
+            zeros = (0,) * len(rest)
+            layers[out_name] = {
+                (out_name, i, *zeros): (getitem, (raw, i), j) for i in range(n)
+            }
+            deps[out_name] = {raw}
+            arrays.append((out_name, (tuple(first), *((r,) for r in rest)), dtype))
+            j += 1
+        specs.append(arrays)
     graph = HighLevelGraph(layers, deps)
     if sources is None:
         graph = HighLevelGraph.merge(graph, filters.dask)
-    return [Array(graph, nm, chunks=ch, dtype=dt) for nm, ch, dt in arrays_spec]
+    return [[Array(graph, nm, chunks=ch, dtype=dt) for nm, ch, dt in arrays]
+            for arrays in specs]
 
 
 def _chunk_tasks(func, filters: Array, per_chunk_args, common_args, raw: str):
@@ -84,7 +128,7 @@ def _chunk_tasks(func, filters: Array, per_chunk_args, common_args, raw: str):
     n = filters.numblocks[0]
     if len(per_chunk_args) != n:
         raise ValueError(f"{len(per_chunk_args)} argument sets for {n} chunks")
-    sources = None if _SHARED.get() else _source_tasks(filters)
+    sources = _source_tasks(filters)
     dsk: dict = {}
     for i in range(n):
         block = (filters.name, i, 0) if sources is None else sources[i]

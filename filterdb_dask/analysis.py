@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import cluster, config
-from ._graph import shared_reads
+from ._graph import map_together
 from .errors import AnalysisError
 from .groups import default_by, make_grouping, make_groupings
 from .histograms import (
@@ -31,9 +31,13 @@ from .histograms import (
 )
 from .kl import kl_matrix
 from .pairs import read_pairs, validate_correlate
-from .pca import layer_stats, pca_from_stats, validate_pca
-from .quality import normalize_entropy_cutoffs, normalize_sparsity_eps, sparsity_sweep
-from .quality import orthogonality as layer_orthogonality
+from .pca import layer_stats_map, pca_from_stats, validate_pca
+from .quality import (
+    normalize_entropy_cutoffs,
+    normalize_sparsity_eps,
+    orthogonality_map,
+    sparsity_sweep_map,
+)
 from .resultset import Results
 
 __all__ = ["MAX_RIDGE_GROUPS", "Results", "analyze", "default_subsets"]
@@ -265,19 +269,16 @@ def analyze(
     # pass 1
     if orthogonality is None:
         orthogonality = config.get("analysis.orthogonality")
-
-    def pass1_graphs():
-        lazies = [layer_stats(store, engine=engine)]
-        if sparsity_eps:
-            lazies.append(sparsity_sweep(store, sparsity_eps, engine=engine))
-        # None: switched off, or the store records no weight shapes
-        ortho = layer_orthogonality(store, engine=engine) if orthogonality else None
-        return lazies + ([] if ortho is None else [ortho]), ortho
-
-    pass1, ortho_lazy = pass1_graphs()
-    if len(pass1) > 1:  # several kernels on the same chunks: each chunk read once
-        with shared_reads():
-            pass1, ortho_lazy = pass1_graphs()
+    # every kernel of pass 1 in one task per chunk: each chunk read once
+    maps = [layer_stats_map(store, engine=engine)]
+    if sparsity_eps:
+        maps.append(sparsity_sweep_map(store, sparsity_eps, engine=engine))
+    # None: switched off, or the store records no weight shapes
+    ortho_map = orthogonality_map(store, engine=engine) if orthogonality else None
+    if ortho_map is not None:
+        maps.append(ortho_map)
+    pass1 = [outs[0] for outs in map_together(store.filters, maps)]
+    ortho_lazy = pass1[-1] if ortho_map is not None else None
     label = "pass 1/3 moments+quality" if ref is None else "pass 1/2 moments+quality"
     stats_sorted, *rest = ex.compute(*pass1, label=label)
     stats = store.to_meta_order(stats_sorted)

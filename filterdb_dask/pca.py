@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from . import kernels
-from ._graph import map_chunks
+from ._graph import ChunkMap, map_together
 from .engines import get_kernels
 from .errors import AnalysisError
 
@@ -69,18 +69,19 @@ def layer_stats(store, *, engine: str = "auto"):
     dask array (n_layers, D² + D + 5) float64 (``kernels.stat_layout``; N_STATS for
     3×3), rows in chunk order (put them in meta order with ``store.to_meta_order``).
     """
+    ((stats,),) = map_together(store.filters, [layer_stats_map(store, engine=engine)])
+    return stats
+
+
+def layer_stats_map(store, *, engine: str = "auto") -> ChunkMap:
+    """The per-chunk kernel of :func:`layer_stats`, to run with others on the same
+    reads (:func:`filterdb_dask._graph.map_together`)."""
     get_kernels(engine)  # validate before building
     bounds = store.chunk_bounds()
     width = kernels.stat_layout(store.filters.shape[1]).size
-    (stats,) = map_chunks(
-        _stats_task,
-        store.filters,
-        [(b,) for b in bounds],
-        outputs=[([len(b) for b in bounds], (width,), np.float64)],
-        name="layer-stats",
-        common_args=(engine,),
-    )
-    return stats
+    return ChunkMap(_stats_task, [(b,) for b in bounds],
+                    [([len(b) for b in bounds], (width,), np.float64)], "layer-stats",
+                    (engine,))
 
 
 def pca_from_stats(stats: np.ndarray, select: np.ndarray | None = None) -> PCA:

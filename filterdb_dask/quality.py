@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import kernels
-from ._graph import map_chunks
+from ._graph import ChunkMap, map_together
 from .engines import get_kernels
 from .errors import AnalysisError
 
@@ -80,20 +80,23 @@ def sparsity_sweep(store, sparsity_eps: Sequence[float], *, engine: str = "auto"
     dask array (n_layers, 2E) float64, rows in chunk order (put them in meta order
     with ``store.to_meta_order``); see :func:`kernels.sparsity_sweep_chunk`.
     """
+    ((out,),) = map_together(store.filters, [sparsity_sweep_map(store, sparsity_eps,
+                                                                engine=engine)])
+    return out
+
+
+def sparsity_sweep_map(store, sparsity_eps: Sequence[float], *,
+                       engine: str = "auto") -> ChunkMap:
+    """The per-chunk kernel of :func:`sparsity_sweep` (for
+    :func:`filterdb_dask._graph.map_together`)."""
     eps = normalize_sparsity_eps(sparsity_eps)
     if not eps:
         raise AnalysisError("a sparsity sweep needs at least one threshold")
     get_kernels(engine)
     bounds = store.chunk_bounds()
-    (out,) = map_chunks(
-        _sweep_task,
-        store.filters,
-        [(b,) for b in bounds],
-        outputs=[([len(b) for b in bounds], (2 * len(eps),), np.float64)],
-        name="sparsity-sweep",
-        common_args=(engine, eps),
-    )
-    return out
+    return ChunkMap(_sweep_task, [(b,) for b in bounds],
+                    [([len(b) for b in bounds], (2 * len(eps),), np.float64)],
+                    "sparsity-sweep", (engine, eps))
 
 
 def layer_out_channels(meta: pd.DataFrame) -> np.ndarray | None:
@@ -150,20 +153,22 @@ def orthogonality(store, *, engine: str = "auto"):
     AnalysisError
         As :func:`layer_out_channels`, or an unknown engine.
     """
+    m = orthogonality_map(store, engine=engine)
+    return None if m is None else map_together(store.filters, [m])[0][0]
+
+
+def orthogonality_map(store, *, engine: str = "auto") -> ChunkMap | None:
+    """The per-chunk kernel of :func:`orthogonality` (for
+    :func:`filterdb_dask._graph.map_together`), or None without weight shapes."""
     c_out = layer_out_channels(store.meta)
     if c_out is None or not (c_out >= 2).any():
         return None
     get_kernels(engine)
     bounds = store.chunk_bounds()
-    (out,) = map_chunks(
-        _ortho_task,
-        store.filters,
-        [(b, c) for b, c in zip(bounds, store.per_chunk(c_out), strict=True)],
-        outputs=[([len(b) for b in bounds], (), np.float64)],
-        name="orthogonality",
-        common_args=(engine,),
-    )
-    return out
+    return ChunkMap(_ortho_task,
+                    [(b, c) for b, c in zip(bounds, store.per_chunk(c_out), strict=True)],
+                    [([len(b) for b in bounds], (), np.float64)], "orthogonality",
+                    (engine,))
 
 
 def quality_table(

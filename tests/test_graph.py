@@ -47,3 +47,33 @@ def test_bad_fan_in_and_no_chunks():
                           name="t", split_every=1)
     with pytest.raises(ValueError, match="argument sets"):
         map_reduce_chunks(_task, xd, [(0.0,)], reducers=[concat], outputs=[], name="t")
+
+
+def test_kernels_run_together_equal_each_alone():
+    from filterdb_dask._graph import ChunkMap, map_together
+
+    sizes = (4, 3, 5)
+    x = np.random.default_rng(1).normal(size=(sum(sizes), 9))
+    xd = da.from_array(x, chunks=(sizes, 9))
+
+    def sums(b, scale):
+        return (b.sum(axis=1) * scale,)
+
+    def extremes(b, i, tag):
+        return np.array([[b.min(), b.max()]]), np.array([[i]])
+
+    m1 = ChunkMap(sums, [()] * 3, [(list(sizes), (), np.float64)], "sums", (2.0,))
+    m2 = ChunkMap(extremes, [(i,) for i in range(3)],
+                  [([1] * 3, (2,), np.float64), ([1] * 3, (1,), np.int64)], "ext", ("t",))
+    (s,), (e, i) = map_together(xd, [m1, m2])
+    with dask.config.set(scheduler="sync"):
+        s, e, i = dask.compute(s, e, i)
+        (s1,) = map_together(xd, [m1])[0]
+        e1, i1 = map_together(xd, [m2])[0]
+        np.testing.assert_array_equal(s, s1.compute())
+        np.testing.assert_array_equal(e, e1.compute())
+        np.testing.assert_array_equal(i, i1.compute())
+    np.testing.assert_array_equal(s, x.sum(axis=1) * 2.0)
+    assert i.ravel().tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="one argument set per chunk"):
+        map_together(xd, [m1, ChunkMap(sums, [()] * 2, m1.outputs, "bad", (1.0,))])
