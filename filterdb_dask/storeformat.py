@@ -685,7 +685,7 @@ def _get_decoded(arr, rows_total: int, marks: tuple[int, ...], decode, where: st
                 try:
                     yield _read_file(os.path.join(local_dir, *k.split("/")), limit)
                 except (OSError, ValueError):
-                    yield b""  # no trailer: "not the one written"
+                    yield np.empty(0, dtype=np.uint8)  # no trailer: "not the one written"
     else:
         def raws():
             import asyncio
@@ -705,7 +705,6 @@ def _get_decoded(arr, rows_total: int, marks: tuple[int, ...], decode, where: st
     for j, (raw, want) in enumerate(zip(raws(), marks, strict=True)):
         if raw is None:
             raise StoreError(f"{where}: its stored Zarr chunk {j} is missing; {_REPAIR}")
-        raw = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes) else raw
         got = int(raw[-4:].view("<u4")[0]) if raw.size >= 4 else None
         if got != want:
             raise StoreError(
@@ -738,8 +737,8 @@ def _put_encoded(arr, y: np.ndarray, encode, local_dir: str | None = None) -> in
     CRC-32 of its values (:func:`checksum`), computed on the way.
 
     ``local_dir``: the store's directory, for a local store: each encoded chunk is then
-    written by :func:`_write_file` (body and trailer in one ``writev``, no joined
-    copy, no hand-off to Zarr's event loop), atomically as Zarr writes it.
+    written by :func:`_write_file` (body and trailer without a joined copy, no
+    hand-off to Zarr's event loop), atomically as Zarr writes it.
     """
     rows = arr.chunks[0]
     sp = arr.store_path
@@ -782,17 +781,9 @@ def _write_file(path: str, parts) -> None:
              | getattr(os, "O_CLOEXEC", 0))
     fd = os.open(tmp, flags, 0o666)
     try:
-        try:
-            views = [memoryview(p).cast("B") for p in parts]
-            while views:
-                n = os.writev(fd, views)
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                if views and n:
-                    views[0] = views[0][n:]
-        finally:
-            os.close(fd)
+        with open(fd, "wb") as fh:  # large parts go straight to write(2), unbuffered
+            for p in parts:
+                fh.write(p)
         os.replace(tmp, path)
     except BaseException:
         try:
