@@ -279,15 +279,20 @@ def local_cluster(opts: ExecutionOptions, *, security=None):
     """
     from distributed import LocalCluster
 
-    conf = config.get("local-cluster")
-    workers = opts.workers or conf["n-workers"] or _usable_cpus()
-    threads = opts.threads_per_worker or conf["threads-per-worker"]
+    # one dotted lookup per setting: Dask matches '-' and '_' in each part of the key,
+    # so an override from the environment (DASK_FILTERDB_DASK__LOCAL_CLUSTER__N_WORKERS,
+    # stored as 'n_workers') is found, where indexing the section's dict misses it
+    def conf(name):
+        return config.get(f"local-cluster.{name}")
+
+    workers = opts.workers or conf("n-workers") or _usable_cpus()
+    threads = opts.threads_per_worker or conf("threads-per-worker")
+    saturation = _saturation(conf("worker-saturation"))
     dashboard = _dashboard_wanted(opts)
     security = security or temporary_security()
     settings = {"distributed.worker.daemon": True,
-                "distributed.nanny.pre-spawn-environ": dict(conf["pre-spawn-environ"] or {}),
-                "distributed.scheduler.worker-saturation":
-                    _saturation(conf.get("worker-saturation"))}
+                "distributed.nanny.pre-spawn-environ": dict(conf("pre-spawn-environ") or {}),
+                "distributed.scheduler.worker-saturation": saturation}
     if not dashboard:
         # the scheduler and workers always run an HTTP server (plain HTTP, no TLS);
         # without the dashboard it serves nothing (no /info, /json, /metrics, proxy)
@@ -297,7 +302,7 @@ def local_cluster(opts: ExecutionOptions, *, security=None):
         return LocalCluster(
             n_workers=workers,
             threads_per_worker=threads,
-            memory_limit=opts.memory_limit or conf["memory-limit"],
+            memory_limit=opts.memory_limit or conf("memory-limit"),
             processes=True,
             host="127.0.0.1",
             protocol="tls://",
@@ -467,8 +472,10 @@ def mpi_roles(opts: ExecutionOptions, *, verbosity: int = 1):
 
     comm = mpi_world()
     rank = comm.Get_rank()
-    conf = config.get("mpi")
-    interface = conf.get("interface") or None
+    def conf(name):  # dotted lookups, as in local_cluster
+        return config.get(f"mpi.{name}")
+
+    interface = conf("interface") or None
     _mpi_check_interface(comm, interface)
     threads = _mpi_threads(comm, opts)
     security = temporary_security() if rank == 0 else None
@@ -476,7 +483,7 @@ def mpi_roles(opts: ExecutionOptions, *, verbosity: int = 1):
     dashboard = _dashboard_wanted(opts, "mpi.dashboard")
     settings = _tls_config(security)
     settings["distributed.scheduler.worker-saturation"] = _saturation(
-        conf.get("worker-saturation"))
+        conf("worker-saturation"))
     if not dashboard:
         settings.update({"distributed.scheduler.http.routes": [],
                          "distributed.worker.http.routes": []})
@@ -489,7 +496,7 @@ def mpi_roles(opts: ExecutionOptions, *, verbosity: int = 1):
     with dask.config.set(settings):
         is_client = dask_mpi.initialize(
             interface=interface, nthreads=threads,
-            memory_limit=opts.memory_limit or conf.get("memory-limit") or "auto",
+            memory_limit=opts.memory_limit or conf("memory-limit") or "auto",
             dashboard=dashboard,
             dashboard_address="127.0.0.1:0", protocol="tls", exit=False, comm=comm)
     if not is_client:

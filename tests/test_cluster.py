@@ -303,3 +303,20 @@ def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path, caps
     err = capsys.readouterr().err
     assert "--scheduler threads cannot be combined with --cluster" in err
     assert "`" not in err
+
+
+def test_cluster_settings_from_the_environment_are_used():
+    # Dask stores DASK_FILTERDB_DASK__LOCAL_CLUSTER__WORKER_SATURATION as
+    # 'worker_saturation': each setting is looked up by its dotted name, so an
+    # override from the environment is used (here: refused as invalid), not skipped
+    import subprocess
+    import sys
+
+    code = ("from filterdb_dask.cluster import ExecutionOptions, local_cluster\n"
+            "from filterdb_dask.errors import UsageError\n"
+            "try:\n    local_cluster(ExecutionOptions(workers=1))\n"
+            "except UsageError as e:\n    print('REFUSED', e)\n")
+    env = dict(os.environ, DASK_FILTERDB_DASK__LOCAL_CLUSTER__WORKER_SATURATION="-1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.startswith("REFUSED") and "worker-saturation" in out.stdout, out
