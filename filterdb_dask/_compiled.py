@@ -11,6 +11,9 @@ Exactness
   multiplies and adds in the same order as :func:`kernels.project`, with no
   fast-math (no reassociation, no fused multiply-add), so coefficients are
   bitwise equal to the numpy kernel's and bin counts identical.
+* Scaling: float32 filters are divided by their peak as one reciprocal per filter
+  and two fused multiply-adds per value (``_over_peak``), which give the division's
+  bits for 24-bit significands (proof in its docstring); float64 filters are divided.
 * Bins: the guess ``g = (v - lo) * scale`` is trusted when it lies farther than
   ``_tolerance`` (>= 1e-9 bins, far above its rounding error) from an integer: then
   ``floor(g)`` is the bin the edges define. Otherwise (about one value in 10^9) the
@@ -30,7 +33,9 @@ lane counts are run-time values where a constant would be unrolled into scalars.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from . import kernels as _np_kernels
 from .kernels import (
@@ -53,49 +58,111 @@ LANES_MAX = 64  # lanes of the (order-free) max
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c with one rounding (LLVM's fma; vectorises)."""
+    sig = types.float64(types.float64, types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        d = ir.DoubleType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [d], ir.FunctionType(d, [d, d, d]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+def _narrow(x: np.ndarray) -> bool:
+    """Whether the filters' values have at most 24 significant bits (float32, float16):
+    then :func:`_over_peak` scales them with the division's bits."""
+    return x.dtype in (np.float32, np.float16)
+
+
 @njit(**_OPTS)
-def _load_block(x, r0, n, W, S, P):
-    """Filters W[:, :n] (float64, feature-major), peaks P[:n] and scaled filters
-    S[:, :n] of rows r0..r0+n (W and S distinct arrays)."""
+def _peaks(V, n, P, R):
+    """P[:n] = max_j |V[j, :n]|, the filters' peaks; R[:n] = 1 / P (0 where P is 0)."""
+    for r in range(n):
+        P[r] = abs(V[0, r])
+    for j in range(1, V.shape[0]):
+        for r in range(n):
+            v = abs(V[j, r])
+            P[r] = v if v > P[r] else P[r]
+    for r in range(n):
+        p = P[r]
+        R[r] = 1.0 / p if p > 0 else 0.0
+
+
+@njit(**_OPTS)
+def _over_peak(w, p, y):
+    """``w / p`` rounded exactly as the division rounds it (numpy's scaling), for
+    ``|w| <= p``, both float32 values, and ``y = 1 / p``; ``0.0`` when ``p`` is 0.
+
+    A divide takes ~2 cycles a value even vectorised; this takes four multiplies
+    and adds. q0 = w * y is within 2 ulp of w / p, so the residual e = w - q0 * p
+    is exact in one fma, and q0 + e * y (one rounding) lies within 2^-51 ulp of
+    w / p. The exact quotient of two 24-bit significands is never within 2^-76 of
+    a rounding midpoint (w - p * m, m a 54-bit midpoint, is a non-zero multiple of
+    2^-77 w), so both round to the same double. ``w == 0`` keeps its sign, as the
+    division does; an infinite peak (not from the converter, which refuses
+    non-finite values) is left to the caller.
+    """
+    q0 = w * y
+    q = _fma(_fma(-q0, p, w), y, q0)
+    q = q if w != 0.0 else w
+    return q if p > 0 else 0.0
+
+
+@njit(**_OPTS)
+def _load_block(x, r0, n, W, S, P, R, narrow):
+    """Filters W[:, :n] (float64, feature-major), peaks P[:n] (R[:n] = 1 / P) and
+    scaled filters S[:, :n] of rows r0..r0+n (W and S distinct arrays)."""
     nf = x.shape[1]
     for r in range(n):
         for j in range(nf):
             W[j, r] = np.float64(x[r0 + r, j])
-    for r in range(n):
-        P[r] = abs(W[0, r])
-    for j in range(1, nf):
-        for r in range(n):
-            v = abs(W[j, r])
-            P[r] = v if v > P[r] else P[r]
+    _peaks(W, n, P, R)
+    if not narrow:
+        for j in range(nf):
+            for r in range(n):
+                p = P[r]
+                q = W[j, r] / p
+                S[j, r] = q if p > 0 else 0.0
+        return
     for j in range(nf):
         for r in range(n):
-            p = P[r]
-            q = W[j, r] / p
-            S[j, r] = q if p > 0 else 0.0
+            S[j, r] = _over_peak(W[j, r], P[r], R[r])
+    for r in range(n):  # an infinite peak: the division itself
+        if P[r] == np.inf:
+            for j in range(nf):
+                S[j, r] = W[j, r] / P[r]
 
 
 @njit(**_OPTS)
-def _scale_block(x, r0, n, S, P):
-    """Peaks P[:n] and scaled filters S[:, :n] (feature-major) of rows r0..r0+n.
+def _scale_block(x, r0, n, S, P, R, narrow):
+    """Peaks P[:n] (R[:n] = 1 / P) and scaled filters S[:, :n] (feature-major) of
+    rows r0..r0+n.
 
-    Its own loops, not ``_load_block(x, r0, n, S, S, P)``: with W and S the same
+    Its own loops, not ``_load_block(x, r0, n, S, S, P, R)``: with W and S the same
     array LLVM's run-time alias check fails and every loop runs scalar (2x slower)."""
     nf = x.shape[1]
     flat = x.reshape(-1)  # C-contiguous: a view
     for j in range(nf):  # value-major reads: pass 3 1.1x faster than the row order
         for r in range(n):
             S[j, r] = np.float64(flat[(r0 + r) * nf + j])
-    for r in range(n):
-        P[r] = abs(S[0, r])
-    for j in range(1, nf):
-        for r in range(n):
-            v = abs(S[j, r])
-            P[r] = v if v > P[r] else P[r]
+    _peaks(S, n, P, R)
+    if not narrow:
+        for j in range(nf):
+            for r in range(n):
+                p = P[r]
+                q = S[j, r] / p
+                S[j, r] = q if p > 0 else 0.0
+        return
     for j in range(nf):
         for r in range(n):
-            p = P[r]
-            q = S[j, r] / p
-            S[j, r] = q if p > 0 else 0.0
+            S[j, r] = _over_peak(S[j, r], P[r], R[r])
+    for r in range(n):  # an infinite peak: x / inf from the chunk again
+        if P[r] == np.inf:
+            for j in range(nf):
+                S[j, r] = np.float64(flat[(r0 + r) * nf + j]) / P[r]
 
 
 @njit(**_OPTS)
@@ -189,7 +256,7 @@ def _lane_add_products(D, m, PJ, PM, L):
 
 @njit(**_OPTS)
 def _lane_tree(v, used, t):
-    """Sum of the lanes v[:BLOCK] in a fixed pairwise order: lane i + lane i + half,
+    """Sum of the lanes v[:LANES] in a fixed pairwise order: lane i + lane i + half,
     halving until one is left. Lanes from ``used`` on are taken as +0.0 and never
     read: adding +0.0 changes no lane (a lane is never -0.0), so skipping those
     additions gives the same bits as doing them. ``t`` is scratch."""
@@ -205,13 +272,14 @@ def _lane_tree(v, used, t):
 
 
 @njit(**_OPTS)
-def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
+def _stats_core(x, narrow, bounds, PJ, PM, out, sc_all, sc_clean):
     NF = x.shape[1]
     NPAIR = PJ.shape[0]
     W = np.empty((NF, BLOCK))
     S = np.empty((NF, BLOCK))
     DC = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
+    R = np.empty(BLOCK)
     ks = np.empty(NF)
     kw = np.empty(NF)
     LS = np.empty((3, NF, BLOCK))
@@ -231,7 +299,7 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
         if t == 0:
             t = 1.0
         # shift by the layer's first filter: sums of (x - k) stay small
-        _load_block(x, a, 1, W, S, P)
+        _load_block(x, a, 1, W, S, P, R, narrow)
         for j in range(NF):
             ks[j] = S[j, 0]
             kw[j] = W[j, 0]
@@ -244,7 +312,7 @@ def _stats_core(x, bounds, PJ, PM, out, sc_all, sc_clean):
         nclean = 0
         for r0 in range(a, b, BLOCK):
             m = min(BLOCK, b - r0)
-            _load_block(x, r0, m, W, S, P)
+            _load_block(x, r0, m, W, S, P, R, narrow)
             cnt = 0
             for r in range(m):
                 cnt += 1 if P[r] >= t else 0
@@ -309,7 +377,7 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     out = np.zeros((nl, lay.size))
     sc_all = np.zeros((nl, d, d))
     sc_clean = np.zeros((nl, d, d))
-    _stats_core(x, bounds, pj, pm, out, sc_all, sc_clean)
+    _stats_core(x, _narrow(x), bounds, pj, pm, out, sc_all, sc_clean)
     n = out[:, STAT_N]
     out[:, lay.ve] = variance_entropy_from_scatter(sc_all, n)
     out[:, lay.ve_clean] = variance_entropy_from_scatter(sc_clean, out[:, lay.n_clean])
@@ -414,11 +482,12 @@ def _bin_searchsorted(v, edges, scale):
 
 # ---------------------------------------------------------------------- pass 2
 @njit(**_OPTS)
-def _range_density_core(x, bounds, mean, comps, dedges, dtol, rng, dens):
+def _range_density_core(x, narrow, bounds, mean, comps, dedges, dtol, rng, dens):
     NF = x.shape[1]
     S = np.empty((NF, BLOCK))
     C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
+    R = np.empty(BLOCK)
     idx = np.empty((NF, BLOCK), dtype=np.int32)
     LO = np.full(BLOCK, np.inf)
     HI = np.full(BLOCK, -np.inf)
@@ -428,7 +497,7 @@ def _range_density_core(x, bounds, mean, comps, dedges, dtol, rng, dens):
     for li in range(bounds.shape[0]):
         for r0 in range(bounds[li, 0], bounds[li, 1], BLOCK):
             m = min(BLOCK, bounds[li, 1] - r0)
-            _scale_block(x, r0, m, S, P)
+            _scale_block(x, r0, m, S, P, R, narrow)
             _project_block(S, m, mean, comps, C)
             # min/max are exact in any order: lane-wise, so that it vectorises
             for k in range(NF):
@@ -463,8 +532,10 @@ def range_density_chunk(x, bounds, mean, components, density_edges):
     nb = len(dedges) - 1
     rng = np.array([np.inf, -np.inf])
     dens = np.zeros(nb * nb, dtype=np.int32)  # a chunk holds < 2**31 filters
+    x = np.ascontiguousarray(x)
     _range_density_core(
-        np.ascontiguousarray(x),
+        x,
+        _narrow(x),
         np.ascontiguousarray(bounds, dtype=np.int64).reshape(-1, 2),
         np.ascontiguousarray(mean, dtype=np.float64),
         np.ascontiguousarray(components, dtype=np.float64),
@@ -478,11 +549,12 @@ def range_density_chunk(x, bounds, mean, components, density_edges):
 
 # ---------------------------------------------------------------------- pass 3
 @njit(**_OPTS)
-def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, tol, hist, fine):
+def _histogram_core(x, narrow, bounds, mean, comps, edges, groups, fedges, tol, hist, fine):
     NF = x.shape[1]
     S = np.empty((NF, BLOCK))
     C = np.empty((NF, BLOCK))
     P = np.empty(BLOCK)
+    R = np.empty(BLOCK)
     idx = np.empty((NF, BLOCK), dtype=np.int32)
     nb = edges.shape[0] - 1
     nf = fedges.shape[0] - 1
@@ -508,7 +580,7 @@ def _histogram_core(x, bounds, mean, comps, edges, groups, fedges, tol, hist, fi
         direct = (b - a) * (1 + nc) <= nf * (2 + nc)
         for r0 in range(a, b, BLOCK):
             m = min(BLOCK, b - r0)
-            _scale_block(x, r0, m, S, P)
+            _scale_block(x, r0, m, S, P, R, narrow)
             _project_block(S, m, mean, comps, C)
             _bin_fast(C, NF, m, lo, fscale, nf, tol, idx)
             for r in range(m):
@@ -551,8 +623,10 @@ def histogram_chunk(x, bounds, mean, components, edges, layer_groups, n_groups, 
     hist = np.zeros((len(bounds), d, nb), dtype=np.uint32)
     fine = np.zeros((n_groups, d, nf), dtype=np.int64)
     fscale = nf / (edges[-1] - edges[0])
+    x = np.ascontiguousarray(x)
     _histogram_core(
-        np.ascontiguousarray(x),
+        x,
+        _narrow(x),
         bounds,
         np.ascontiguousarray(mean, dtype=np.float64),
         np.ascontiguousarray(components, dtype=np.float64),

@@ -221,6 +221,52 @@ def test_numba_equals_numpy(n, cuts, seed, f64):
     np.testing.assert_array_equal(d1, d2)
 
 
+def _hard_float32_filters(rng, n: int) -> np.ndarray:
+    """float32 filters that stress division by the peak: random bit patterns over
+    every exponent (subnormals included), values a few ulp from their peak, signed
+    zeros, all-zero filters."""
+    bits = rng.integers(0, 2**32, size=(n, 9), dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    x[~np.isfinite(x)] = np.float32(1.5)
+    near = rng.uniform(0.5, 2.0, size=(n // 3, 1)).astype(np.float32)
+    steps = rng.integers(-40, 40, size=(n // 3, 9)).astype(np.int32)
+    x[: n // 3] = (near.view(np.int32) + steps).view(np.float32)
+    x[n // 3 : n // 3 + 50] *= np.float32(2.0**-120)  # tiny, some subnormal
+    x[-40:-20] = 0.0
+    x[-20:, ::2] = np.float32(-0.0)
+    return x
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba not installed")
+def test_compiled_scaling_has_the_division_bits():
+    """The compiled kernels scale float32 filters by a reciprocal and two fused
+    multiply-adds instead of nine divisions; the scaled values must be the
+    division's, bit for bit (signed zeros and an infinite peak included)."""
+    from filterdb_dask import _compiled as C
+
+    rng = np.random.default_rng(7)
+    x = _hard_float32_filters(rng, 200_000)
+    x[5, 3] = np.inf  # not from the converter; the division's NaN / zeros still
+    x[6, :] = np.float32(3.0)
+    x[6, 0] = -np.inf
+    with np.errstate(invalid="ignore"):  # inf / inf
+        want = K.scale_filters(x)
+    n, B = len(x), C.BLOCK
+    W, S, P, R = (np.empty((9, B)), np.empty((9, B)), np.empty(B), np.empty(B))
+    got_load, got_scale = np.empty((n, 9)), np.empty((n, 9))
+    for r0 in range(0, n, B):
+        m = min(B, n - r0)
+        C._load_block(x, r0, m, W, S, P, R, True)
+        got_load[r0 : r0 + m] = S[:, :m].T
+        C._scale_block(x, r0, m, S, P, R, True)
+        got_scale[r0 : r0 + m] = S[:, :m].T
+    for got in (got_load, got_scale):
+        same = (got.view(np.int64) == want.view(np.int64)) | (np.isnan(got) & np.isnan(want))
+        assert same.all(), np.argwhere(~same)[:5]
+    assert np.signbit(got_scale[-20:, ::2]).all()  # -0.0 / peak is -0.0
+    assert C._narrow(x) and not C._narrow(x.astype(np.float64))
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_layer_stats_do_not_depend_on_the_chunking(engine):
     """A layer's statistics are the same bits whatever else its chunk holds and
