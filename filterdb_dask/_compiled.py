@@ -72,9 +72,9 @@ def _fma(typingctx, a, b, c):
 
 
 def _narrow(x: np.ndarray) -> bool:
-    """Whether the filters' values have at most 24 significant bits (float32, float16):
-    then :func:`_over_peak` scales them with the division's bits."""
-    return x.dtype in (np.float32, np.float16)
+    """Whether the filters' values have at most 24 significant bits (float32): then
+    :func:`_over_peak` scales them with the division's bits; float64 is divided."""
+    return x.dtype == np.float32
 
 
 @njit(**_OPTS)
