@@ -112,34 +112,11 @@ def _over_peak(w, p, y):
 
 
 @njit(**_OPTS)
-def _load_block(x, r0, n, W, S, P, R, narrow):
-    """Filters W[:, :n] (float64, feature-major), peaks P[:n] (R[:n] = 1 / P) and
-    scaled filters S[:, :n] of rows r0..r0+n (W and S distinct arrays)."""
-    nf = x.shape[1]
-    for r in range(n):
-        for j in range(nf):
-            W[j, r] = np.float64(x[r0 + r, j])
-    _peaks(W, n, P, R)
-    if not narrow:
-        for j in range(nf):
-            for r in range(n):
-                p = P[r]
-                q = W[j, r] / p
-                S[j, r] = q if p > 0 else 0.0
-        return
-    for j in range(nf):
-        for r in range(n):
-            S[j, r] = _over_peak(W[j, r], P[r], R[r])
-    for r in range(n):  # an infinite peak: the division itself
-        if P[r] == np.inf:
-            for j in range(nf):
-                S[j, r] = W[j, r] / P[r]
-
-
-@njit(**_OPTS)
 def _load_shifted(x, r0, n, W, S, P, R, narrow, ks, kw):
-    """:func:`_load_block`, then S[j] -= ks[j] and W[j] -= kw[j] in the same loop (the
-    same operations in the same order: the same bits, one pass fewer over the block)."""
+    """Filters W[:, :n] - kw (float64, feature-major), peaks P[:n] (R[:n] = 1 / P) and
+    scaled filters S[:, :n] - ks of rows r0..r0+n (W and S distinct arrays). Shifting
+    in the scaling loop spares a pass over the block; zero shifts give the unshifted
+    values, bit for bit."""
     nf = x.shape[1]
     for r in range(n):
         for j in range(nf):
@@ -181,8 +158,8 @@ def _scale_block(x, r0, n, S, P, R, narrow):
     """Peaks P[:n] (R[:n] = 1 / P) and scaled filters S[:, :n] (feature-major) of
     rows r0..r0+n.
 
-    Its own loops, not ``_load_block(x, r0, n, S, S, P, R)``: with W and S the same
-    array LLVM's run-time alias check fails and every loop runs scalar (2x slower)."""
+    Its own loops, not ``_load_shifted`` with W and S the same array: then
+    LLVM's run-time alias check fails and every loop runs scalar (2x slower)."""
     nf = x.shape[1]
     flat = x.reshape(-1)  # C-contiguous: a view
     for j in range(nf):  # value-major reads: pass 3 1.1x faster than the row order
@@ -321,6 +298,7 @@ def _stats_core(x, narrow, bounds, PJ, PM, out, sc_all, sc_clean):
     P = np.empty(BLOCK)
     R = np.empty(BLOCK)
     ks = np.empty(NF)
+    zero = np.zeros(NF)
     kw = np.empty(NF)
     LS = np.empty((3, NF, BLOCK))
     LP = np.empty((3, NPAIR, BLOCK))
@@ -339,7 +317,7 @@ def _stats_core(x, narrow, bounds, PJ, PM, out, sc_all, sc_clean):
         if t == 0:
             t = 1.0
         # shift by the layer's first filter: sums of (x - k) stay small
-        _load_block(x, a, 1, W, S, P, R, narrow)
+        _load_shifted(x, a, 1, W, S, P, R, narrow, zero, zero)
         for j in range(NF):
             ks[j] = S[j, 0]
             kw[j] = W[j, 0]

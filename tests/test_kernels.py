@@ -253,10 +253,11 @@ def test_compiled_scaling_has_the_division_bits():
         want = K.scale_filters(x)
     n, B = len(x), C.BLOCK
     W, S, P, R = (np.empty((9, B)), np.empty((9, B)), np.empty(B), np.empty(B))
+    zero = np.zeros(9)
     got_load, got_scale = np.empty((n, 9)), np.empty((n, 9))
     for r0 in range(0, n, B):
         m = min(B, n - r0)
-        C._load_block(x, r0, m, W, S, P, R, True)
+        C._load_shifted(x, r0, m, W, S, P, R, True, zero, zero)
         got_load[r0 : r0 + m] = S[:, :m].T
         C._scale_block(x, r0, m, S, P, R, True)
         got_scale[r0 : r0 + m] = S[:, :m].T
