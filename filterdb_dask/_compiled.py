@@ -78,17 +78,24 @@ def _narrow(x: np.ndarray) -> bool:
 
 
 @njit(**_OPTS)
-def _peaks(V, n, P, R):
-    """P[:n] = max_j |V[j, :n]|, the filters' peaks; R[:n] = 1 / P (0 where P is 0)."""
+def _peaks(V, n, P, R, narrow):
+    """P[:n] = max_j |V[j, :n]|, the filters' peaks. Returns whether the block may be
+    scaled by :func:`_over_peak` (``narrow`` values and no infinite peak); then
+    R[:n] = 1 / P (0 where P is 0). Otherwise the caller divides."""
     for r in range(n):
         P[r] = abs(V[0, r])
     for j in range(1, V.shape[0]):
         for r in range(n):
             v = abs(V[j, r])
             P[r] = v if v > P[r] else P[r]
+    if not narrow:
+        return False
+    top = 0.0
     for r in range(n):
         p = P[r]
+        top = p if p > top else top
         R[r] = 1.0 / p if p > 0 else 0.0
+    return top < np.inf
 
 
 @njit(**_OPTS)
@@ -102,8 +109,8 @@ def _over_peak(w, p, y):
     w / p. The exact quotient of two 24-bit significands is never within 2^-76 of
     a rounding midpoint (w - p * m, m a 54-bit midpoint, is a non-zero multiple of
     2^-77 w), so both round to the same double. ``w == 0`` keeps its sign, as the
-    division does; an infinite peak (not from the converter, which refuses
-    non-finite values) is left to the caller.
+    division does. An infinite peak (not from the converter, which refuses
+    non-finite values) is left to the division (:func:`_peaks`).
     """
     q0 = w * y
     q = _fma(_fma(-q0, p, w), y, q0)
@@ -121,8 +128,7 @@ def _load_shifted(x, r0, n, W, S, P, R, narrow, ks, kw):
     for r in range(n):
         for j in range(nf):
             W[j, r] = np.float64(x[r0 + r, j])
-    _peaks(W, n, P, R)
-    if not narrow:
+    if not _peaks(W, n, P, R, narrow):  # float64 values or an infinite peak
         for j in range(nf):
             kj = ks[j]
             wj = kw[j]
@@ -132,17 +138,6 @@ def _load_shifted(x, r0, n, W, S, P, R, narrow, ks, kw):
                 q = w / p
                 S[j, r] = (q if p > 0 else 0.0) - kj
                 W[j, r] = w - wj
-        return
-    inf = False
-    for r in range(n):
-        inf = inf or P[r] == np.inf
-    if inf:  # an infinite peak (not from the converter): the division itself
-        for j in range(nf):
-            for r in range(n):
-                p = P[r]
-                q = W[j, r] / p
-                S[j, r] = (q if p > 0 else 0.0) - ks[j]
-                W[j, r] = W[j, r] - kw[j]
         return
     for j in range(nf):
         kj = ks[j]
@@ -165,8 +160,7 @@ def _scale_block(x, r0, n, S, P, R, narrow):
     for j in range(nf):  # value-major reads: pass 3 1.1x faster than the row order
         for r in range(n):
             S[j, r] = np.float64(flat[(r0 + r) * nf + j])
-    _peaks(S, n, P, R)
-    if not narrow:
+    if not _peaks(S, n, P, R, narrow):  # float64 values or an infinite peak
         for j in range(nf):
             for r in range(n):
                 p = P[r]
@@ -176,10 +170,6 @@ def _scale_block(x, r0, n, S, P, R, narrow):
     for j in range(nf):
         for r in range(n):
             S[j, r] = _over_peak(S[j, r], P[r], R[r])
-    for r in range(n):  # an infinite peak: x / inf from the chunk again
-        if P[r] == np.inf:
-            for j in range(nf):
-                S[j, r] = np.float64(flat[(r0 + r) * nf + j]) / P[r]
 
 
 @njit(**_OPTS)
