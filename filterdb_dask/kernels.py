@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import AnalysisError
+from .errors import AnalysisError, StoreError
 
 __all__ = [
     "EPS_KL",
@@ -307,9 +307,21 @@ def variance_entropy_from_scatter(scatter: np.ndarray, n: int | np.ndarray) -> n
     Returns
     -------
     (...) float64: NaN where ``n < 2``, 0 where the scatter is zero.
+
+    Raises
+    ------
+    StoreError
+        A scatter is not finite: the filters hold NaN or Inf values, which the
+        converter refuses (checked here, on a few values per layer, rather than on
+        every filter of every chunk).
     """
     scatter = np.asarray(scatter, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
+    if not np.isfinite(scatter).all():
+        raise StoreError(
+            "the store's filters hold NaN or Inf values, which the converter refuses: it "
+            "was not written by it (or was altered along with its checksums); convert "
+            "again from a dataset.h5 with finite values")
     eig = np.linalg.eigvalsh(scatter)
     eig = np.clip(eig, 0.0, None)
     total = eig.sum(axis=-1)

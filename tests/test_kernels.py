@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from filterdb_dask import kernels as K
 from filterdb_dask.engines import get_kernels, numba_available
-from filterdb_dask.errors import AnalysisError
+from filterdb_dask.errors import AnalysisError, StoreError
 from tests import reference as ref
 
 ENGINES = ["numpy"] + (["numba"] if numba_available() else [])
@@ -266,6 +266,17 @@ def test_compiled_scaling_has_the_division_bits():
         assert same.all(), np.argwhere(~same)[:5]
     assert np.signbit(got_scale[-20:, ::2]).all()  # -0.0 / peak is -0.0
     assert C._narrow(x) and not C._narrow(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_filters_are_refused_with_a_store_error(engine, bad):
+    """A store the converter did not write may hold NaN/Inf: pass 1 says so in one
+    line instead of failing inside the eigenvalue solver."""
+    x = np.random.default_rng(3).normal(size=(600, 9)).astype(np.float32)
+    x[350, 2] = bad
+    with np.errstate(all="ignore"), pytest.raises(StoreError, match="NaN or Inf"):
+        get_kernels(engine).layer_stats_chunk(x, np.array([[0, 300], [300, 600]]))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
