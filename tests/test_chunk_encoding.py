@@ -162,3 +162,70 @@ def test_blosc_frames_decode_alike_in_both_libraries():
         out = np.empty_like(x)
         fmt._blosc_decompress()(frame, out)
         assert out.tobytes() == x.tobytes()
+
+
+# ------------------------------------------------------------ direct (O_DIRECT) writes
+_SIZES = [0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 17, (1 << 20) + 5]
+
+
+def _parts(n: int, seed: int) -> tuple:
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    cut = n // 3
+    return (data[:cut], bytes(data[cut:])), bytes(data)  # an array part and a bytes part
+
+
+@pytest.mark.parametrize("n", _SIZES)
+def test_written_files_hold_exactly_their_bytes(tmp_path, n):
+    parts, want = _parts(n, n)
+    path = str(tmp_path / "c" / "0" / "0")
+    fmt._write_file(path, parts)
+    assert open(path, "rb").read() == want
+    assert os.listdir(tmp_path / "c" / "0") == ["0"]  # no temporary file left
+
+
+@pytest.mark.parametrize("n", [4096, 3 * 4096 + 17])
+def test_write_falls_back_to_buffered_when_direct_io_is_refused(tmp_path, monkeypatch, n):
+    """A file system that refuses O_DIRECT (F_SETFL fails), or one whose alignment
+    rules are stricter than 4096 bytes (the direct write fails): the same bytes,
+    written through the page cache."""
+    import fcntl
+
+    parts, want = _parts(n, 7)
+    real_fcntl = fcntl.fcntl
+
+    def refuse(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", refuse)
+    fmt._write_file(str(tmp_path / "a"), parts)
+    assert open(tmp_path / "a", "rb").read() == want
+    monkeypatch.setattr(fcntl, "fcntl", real_fcntl)
+
+    real_write = os.write
+    calls = []
+
+    def fail_first(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise OSError(22, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", fail_first)
+    fmt._write_file(str(tmp_path / "b"), parts)
+    assert open(tmp_path / "b", "rb").read() == want
+    if getattr(os, "O_DIRECT", 0):
+        assert calls[0] == n - n % 4096  # the first write was the direct one
+
+
+def test_a_failing_write_leaves_no_file(tmp_path, monkeypatch):
+    parts, _ = _parts(3 * 4096 + 5, 3)
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        fmt._write_file(str(tmp_path / "x"), parts)
+    assert os.listdir(tmp_path) == []
