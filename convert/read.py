@@ -646,8 +646,83 @@ def read_source(path: str, *, name: str | None = None) -> Source:
 
 
 def read_rows(path: str, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows ``[start, stop)`` of the filter dataset as an (n, K²) array."""
+    """Rows ``[start, stop)`` of the filter dataset as an (n, K²) array.
+
+    A contiguous dataset (the published ``dataset.h5``) is read straight from its
+    bytes in the file, bypassing the page cache (:func:`_read_direct`): the values
+    h5py would return, bit for bit, without the cost of caching tens of GB read once
+    (on the project's test VM, 200 M filters: 15.3 s of system time against 1.5).
+    Anything else, or a file system without direct I/O, is read by h5py.
+    """
     with h5py.File(path, "r", locking=False) as f:
         d = node(f, name)  # re-checked: the file may have changed since read_source
-        out = d[start:stop]
-    return out.reshape(stop - start, -1)
+        width = math.prod(d.shape[1:])
+        where = _contiguous_bytes(d)
+        if where is None:
+            return d[start:stop].reshape(stop - start, -1)
+        dtype = d.dtype
+        out = _read_direct(path, where + start * width * dtype.itemsize,
+                           (stop - start, width), dtype)
+        if out is None:
+            out = d[start:stop].reshape(stop - start, -1)
+    return out
+
+
+def _contiguous_bytes(d: h5py.Dataset) -> int | None:
+    """The file offset of a contiguous, allocated dataset of plain floats stored
+    in the file itself (its values are then ``shape × itemsize`` raw bytes from
+    there); None for any other layout."""
+    if d.dtype not in FLOAT_DTYPES and d.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+        return None
+    dcpl = d.id.get_create_plist()
+    if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_external_count():
+        return None
+    offset = d.id.get_offset()
+    if offset is None or d.id.get_storage_size() < math.prod(d.shape) * d.dtype.itemsize:
+        return None
+    return int(offset)
+
+
+_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiples of this
+
+
+def _read_direct(path: str, offset: int, shape: tuple[int, int],
+                 dtype: np.dtype) -> np.ndarray | None:
+    """``shape`` values of ``dtype`` at byte ``offset`` of ``path``, read with
+    ``O_DIRECT`` (the whole aligned blocks around them, into a new aligned buffer
+    that the result is a view of where the values are aligned, else copied from);
+    None when the OS or the file system refuses direct I/O or the file ends early
+    (the caller reads through h5py, which reports it)."""
+    direct = getattr(os, "O_DIRECT", 0)
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if not direct or nbytes == 0:
+        return None
+    lo = offset - offset % _ALIGN
+    hi = -(-(offset + nbytes) // _ALIGN) * _ALIGN
+    raw = np.empty(hi - lo + _ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    buf = raw[skip:skip + hi - lo]
+    try:
+        fd = os.open(path, os.O_RDONLY | direct | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        got = 0
+        while got < buf.size:
+            n = os.preadv(fd, [buf[got:]], lo + got)
+            if n == 0:
+                break
+            got += n
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    start = offset - lo
+    if got < start + nbytes:
+        return None
+    values = buf[start:start + nbytes]
+    if start % dtype.itemsize == 0:  # aligned for the dtype: no copy
+        return values.view(dtype).reshape(shape)
+    out = np.empty(shape, dtype=dtype)
+    out.reshape(-1).view(np.uint8)[...] = values
+    return out

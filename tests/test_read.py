@@ -223,3 +223,85 @@ def test_truncated_filter_data_with_intact_meta(tmp_path):
     (tmp_path / "cut.h5").write_bytes(data[: len(data) - 1000])
     with pytest.raises(InputError, match="truncated"):
         read_source(tmp_path / "cut.h5")
+
+
+# --------------------------------------------- rows read straight from the file (O_DIRECT)
+def _raw_h5(path, x, **kw):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("filter", data=x, **kw)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<f8", "<f2", ">f4", ">f8"])
+@pytest.mark.parametrize("shape3", [False, True])
+def test_direct_rows_equal_h5py_bit_for_bit(tmp_path, dtype, shape3):
+    from filterdb_dask.convert import read as rd
+
+    n = 5000
+    x = np.random.default_rng(1).normal(size=(n, 9)).astype(dtype)
+    x[3] = -0.0
+    p = _raw_h5(tmp_path / "d.h5", x.reshape(n, 3, 3) if shape3 else x)
+    with h5py.File(p, "r") as f:
+        off = rd._contiguous_bytes(f["filter"])
+    assert off is not None
+    size = np.dtype(dtype).itemsize * 9
+    for a, b in [(0, n), (1, 2), (7, 4099), (4095, n), (n - 1, n), (1234, 1234 + 455)]:
+        got = rd.read_rows(p, "filter", a, b)
+        assert got.dtype == np.dtype(dtype) and got.shape == (b - a, 9)
+        assert got.tobytes() == x[a:b].tobytes()
+        if getattr(os, "O_DIRECT", 0):  # and it was the direct read that gave them
+            direct = rd._read_direct(p, off + a * size, (b - a, 9), np.dtype(dtype))
+            assert direct is not None and direct.tobytes() == x[a:b].tobytes()
+
+
+def test_chunked_and_compressed_rows_are_read_by_h5py(tmp_path):
+    from filterdb_dask.convert import read as rd
+
+    x = _filters(3000)
+    p = _raw_h5(tmp_path / "c.h5", x, chunks=(700, 9), compression="gzip")
+    with h5py.File(p, "r") as f:
+        assert rd._contiguous_bytes(f["filter"]) is None
+    assert np.array_equal(rd.read_rows(p, "filter", 5, 2999), x[5:2999])
+
+
+def test_direct_read_falls_back_where_refused(tmp_path, monkeypatch):
+    """A file system without O_DIRECT (open fails), or an alignment it refuses (the
+    read fails): the same rows through h5py."""
+    from filterdb_dask.convert import read as rd
+
+    x = _filters(3000)
+    p = _raw_h5(tmp_path / "d.h5", x)
+    real_open, real_preadv = os.open, os.preadv
+    direct = getattr(os, "O_DIRECT", 0)
+
+    def no_direct_open(path, flags, *a):
+        if direct and flags & direct:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    assert np.array_equal(rd.read_rows(p, "filter", 10, 2000), x[10:2000])
+    monkeypatch.setattr(os, "open", real_open)
+
+    def refuse(*a):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "preadv", refuse)
+    assert np.array_equal(rd.read_rows(p, "filter", 10, 2000), x[10:2000])
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    # a file that ends before the dataset's bytes: no direct result (h5py decides)
+    assert rd._read_direct(p, os.path.getsize(p) - 100, (10, 9), np.dtype("<f4")) is None
+
+
+def test_direct_read_of_unaligned_values_is_a_copy_of_the_right_bytes(tmp_path):
+    from filterdb_dask.convert import read as rd
+
+    p = _raw_h5(tmp_path / "d.h5", _filters(3000))
+    data = open(p, "rb").read()
+    for off in (1, 4093, 4097, 8191):
+        got = rd._read_direct(p, off, (10, 9), np.dtype("<f4"))
+        if not getattr(os, "O_DIRECT", 0):
+            assert got is None
+            continue
+        assert got is not None and got.flags.aligned and got.flags.c_contiguous
+        assert got.tobytes() == data[off:off + 360]
