@@ -259,37 +259,40 @@ def layer_stats_chunk(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     STAT_SPARSITY, STAT_VE, STAT_VE_CLEAN, STAT_N_CLEAN = (
         lay.sparsity, lay.ve, lay.ve_clean, lay.n_clean)
     out = np.zeros((len(bounds), lay.size), dtype=np.float64)
-    for i, (a, b) in enumerate(bounds):
-        w = np.asarray(x[a:b], dtype=np.float64)
-        n = w.shape[0]
-        out[i, STAT_N] = n
-        if n == 0:
-            out[i, STAT_MEAN] = 0.0
-            out[i, STAT_SPARSITY] = np.nan
-            out[i, STAT_VE] = np.nan
-            out[i, STAT_VE_CLEAN] = np.nan
-            continue
-        xs = scale_filters(w)
-        peaks = np.max(np.abs(w), axis=1)
-        t = 0.01 * peaks.max()
-        if t == 0:
-            t = 1.0
-        clean = peaks >= t  # sparse <=> every |value| < t <=> peak < t
-        n_clean = int(clean.sum())
-        # shifted by the layer's first filter: sums of (x - k) stay small
-        ds = xs - xs[0]
-        dw = w - w[0]
-        dc = dw * clean[:, None].astype(np.float64)
-        s_s, s_w, s_c = _fixed_sums(ds), _fixed_sums(dw), _fixed_sums(dc)
-        out[i, STAT_MEAN] = xs[0] + s_s / n
-        out[i, STAT_M2] = _scatter_from_sums(s_s, _fixed_sums(ds, True), n).ravel()
-        out[i, STAT_SPARSITY] = (n - n_clean) / n
-        out[i, STAT_N_CLEAN] = n_clean
-        out[i, STAT_VE] = variance_entropy_from_scatter(
-            _scatter_from_sums(s_w, _fixed_sums(dw, True), n), n)
-        sc_clean = (_scatter_from_sums(s_c, _fixed_sums(dc, True), n_clean) if n_clean
-                    else np.zeros((dim, dim)))
-        out[i, STAT_VE_CLEAN] = variance_entropy_from_scatter(sc_clean, n_clean)
+    # NaN or Inf filters (a store the converter did not write) are refused in one line
+    # by variance_entropy_from_scatter; numpy's warnings on the way there are noise
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for i, (a, b) in enumerate(bounds):
+            w = np.asarray(x[a:b], dtype=np.float64)
+            n = w.shape[0]
+            out[i, STAT_N] = n
+            if n == 0:
+                out[i, STAT_MEAN] = 0.0
+                out[i, STAT_SPARSITY] = np.nan
+                out[i, STAT_VE] = np.nan
+                out[i, STAT_VE_CLEAN] = np.nan
+                continue
+            xs = scale_filters(w)
+            peaks = np.max(np.abs(w), axis=1)
+            t = 0.01 * peaks.max()
+            if t == 0:
+                t = 1.0
+            clean = peaks >= t  # sparse <=> every |value| < t <=> peak < t
+            n_clean = int(clean.sum())
+            # shifted by the layer's first filter: sums of (x - k) stay small
+            ds = xs - xs[0]
+            dw = w - w[0]
+            dc = dw * clean[:, None].astype(np.float64)
+            s_s, s_w, s_c = _fixed_sums(ds), _fixed_sums(dw), _fixed_sums(dc)
+            out[i, STAT_MEAN] = xs[0] + s_s / n
+            out[i, STAT_M2] = _scatter_from_sums(s_s, _fixed_sums(ds, True), n).ravel()
+            out[i, STAT_SPARSITY] = (n - n_clean) / n
+            out[i, STAT_N_CLEAN] = n_clean
+            out[i, STAT_VE] = variance_entropy_from_scatter(
+                _scatter_from_sums(s_w, _fixed_sums(dw, True), n), n)
+            sc_clean = (_scatter_from_sums(s_c, _fixed_sums(dc, True), n_clean) if n_clean
+                        else np.zeros((dim, dim)))
+            out[i, STAT_VE_CLEAN] = variance_entropy_from_scatter(sc_clean, n_clean)
     return out
 
 
