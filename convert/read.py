@@ -651,7 +651,7 @@ def read_rows(path: str, name: str, start: int, stop: int) -> np.ndarray:
     A contiguous dataset (the published ``dataset.h5``) is read straight from its
     bytes in the file, bypassing the page cache (:func:`_read_direct`): the values
     h5py would return, bit for bit, without the cost of caching tens of GB read once
-    (on the project's test VM, 200 M filters: 15.3 s of system time against 1.5).
+    (on the project's test VM, 200 M filters: 15.3–15.8 s of system time against 1.5–2.1).
     Anything else, or a file system without direct I/O, is read by h5py.
     """
     with h5py.File(path, "r", locking=False) as f:
