@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from filterdb_dask.errors import InputError, UnsafePickleError
-from filterdb_dask.storeformat import MAX_KERNEL, MIN_KERNEL
+from filterdb_dask.storeformat import DIRECT_ALIGN, MAX_KERNEL, MIN_KERNEL, aligned_empty
 
 from .safepickle import decode
 
@@ -672,7 +672,7 @@ def _contiguous_bytes(d: h5py.Dataset) -> int | None:
     """The file offset of a contiguous, allocated dataset of plain floats stored
     in the file itself (its values are then ``shape × itemsize`` raw bytes from
     there); None for any other layout."""
-    if d.dtype not in FLOAT_DTYPES and d.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+    if d.dtype.newbyteorder("=") not in FLOAT_DTYPES:  # either byte order
         return None
     dcpl = d.id.get_create_plist()
     if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_external_count():
@@ -681,9 +681,6 @@ def _contiguous_bytes(d: h5py.Dataset) -> int | None:
     if offset is None or d.id.get_storage_size() < math.prod(d.shape) * d.dtype.itemsize:
         return None
     return int(offset)
-
-
-_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiples of this
 
 
 def _read_direct(path: str, offset: int, shape: tuple[int, int],
@@ -697,11 +694,9 @@ def _read_direct(path: str, offset: int, shape: tuple[int, int],
     nbytes = shape[0] * shape[1] * dtype.itemsize
     if not direct or nbytes == 0:
         return None
-    lo = offset - offset % _ALIGN
-    hi = -(-(offset + nbytes) // _ALIGN) * _ALIGN
-    raw = np.empty(hi - lo + _ALIGN, dtype=np.uint8)
-    skip = -raw.ctypes.data % _ALIGN
-    buf = raw[skip:skip + hi - lo]
+    lo = offset - offset % DIRECT_ALIGN
+    hi = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+    buf = aligned_empty(hi - lo)
     try:
         fd = os.open(path, os.O_RDONLY | direct | getattr(os, "O_CLOEXEC", 0))
     except OSError:

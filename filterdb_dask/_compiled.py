@@ -99,6 +99,13 @@ def _peaks(V, n, P, R, narrow):
 
 
 @njit(**_OPTS)
+def _div_peak(w, p):
+    """``w / p``, ``0.0`` when the peak ``p`` is 0 (numpy's scaling, divided)."""
+    q = w / p
+    return q if p > 0 else 0.0
+
+
+@njit(**_OPTS)
 def _over_peak(w, p, y):
     """``w / p`` rounded exactly as the division rounds it (numpy's scaling), for
     ``|w| <= p``, both float32 values, and ``y = 1 / p``; ``0.0`` when ``p`` is 0.
@@ -133,10 +140,8 @@ def _load_shifted(x, r0, n, W, S, P, R, narrow, ks, kw):
             kj = ks[j]
             wj = kw[j]
             for r in range(n):
-                p = P[r]
                 w = W[j, r]
-                q = w / p
-                S[j, r] = (q if p > 0 else 0.0) - kj
+                S[j, r] = _div_peak(w, P[r]) - kj
                 W[j, r] = w - wj
         return
     for j in range(nf):
@@ -163,9 +168,7 @@ def _scale_block(x, r0, n, S, P, R, narrow):
     if not _peaks(S, n, P, R, narrow):  # float64 values or an infinite peak
         for j in range(nf):
             for r in range(n):
-                p = P[r]
-                q = S[j, r] / p
-                S[j, r] = q if p > 0 else 0.0
+                S[j, r] = _div_peak(S[j, r], P[r])
         return
     for j in range(nf):
         for r in range(n):

@@ -772,17 +772,23 @@ def _put_encoded(arr, y: np.ndarray, encode, local_dir: str | None = None) -> in
     return crc & 0xFFFFFFFF
 
 
-_DIRECT_ALIGN = 4096  # O_DIRECT: buffer address and write length multiples of this
+DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiples of this
+
+
+def aligned_empty(n: int) -> np.ndarray:
+    """A new uint8 buffer of ``n`` bytes starting on a ``DIRECT_ALIGN`` boundary (for
+    ``O_DIRECT`` reads and writes, here and in the converter's source reader)."""
+    raw = np.empty(n + DIRECT_ALIGN, dtype=np.uint8)
+    off = -raw.ctypes.data % DIRECT_ALIGN
+    return raw[off:off + n]
 
 
 def _aligned_scratch(n: int) -> np.ndarray:
-    """This thread's scratch buffer of ``n`` bytes starting on a ``_DIRECT_ALIGN``
-    boundary (valid until the thread's next call)."""
+    """This thread's :func:`aligned_empty` scratch of at least ``n`` bytes, first
+    ``n`` of them (valid until the thread's next call)."""
     buf = getattr(_scratch, "direct", None)
     if buf is None or buf.size < n:
-        raw = np.empty(n + 2 * _DIRECT_ALIGN, dtype=np.uint8)
-        off = -raw.ctypes.data % _DIRECT_ALIGN
-        buf = _scratch.direct = raw[off:off + n + _DIRECT_ALIGN]
+        buf = _scratch.direct = aligned_empty(n)
     return buf[:n]
 
 
@@ -804,7 +810,7 @@ def _write_direct(fd: int, parts) -> bool:
 
     views = [memoryview(p).cast("B") for p in parts]
     total = sum(v.nbytes for v in views)
-    whole = total - total % _DIRECT_ALIGN
+    whole = total - total % DIRECT_ALIGN
     if whole == 0:
         return False
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
