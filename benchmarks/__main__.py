@@ -205,6 +205,12 @@ def convert_vs_read(h5: str, store: str) -> dict:
             "h5_bytes": os.path.getsize(h5)}
 
 
+def _ours(name: str) -> bool:
+    """Whether contender ``name`` is filterdb_dask's own (a pass, the whole analysis or a
+    read floor) rather than a peer's."""
+    return name.startswith(("filterdb_dask", "read floor"))
+
+
 @contextlib.contextmanager
 def _queueing(client, name: str):
     """The peers run with Dask's own root-task queueing
@@ -212,8 +218,7 @@ def _queueing(client, name: str):
     cluster: the project's local cluster sends every task at once (``inf``), which
     its own one-task-per-chunk passes need no queueing for, but which lets a graph of
     chunk-sized intermediates (dask-ml's tsqr) fill the workers' memory."""
-    ours = name.startswith(("filterdb_dask", "read floor"))
-    if client is None or ours:
+    if client is None or _ours(name):
         yield
         return
     import dask
@@ -257,10 +262,11 @@ def run_contenders(ctx: dict, names: list[str], repeat: int) -> dict:
                 continue
             r["times"].append(dt)
             r["peak_total_mib"] = max(r["peak_total_mib"], mem.peak_total / 2**20)
-            ours = name.startswith(("filterdb_dask", "read floor"))
-            key = "peak_worker_mib_after_peers" if ours and peers_ran else "peak_worker_mib"
+            key = ("peak_worker_mib_after_peers" if _ours(name) and peers_ran
+                   else "peak_worker_mib")
             r[key] = max(r.get(key, 0.0), mem.peak_child / 2**20)
-            peers_ran = peers_ran or not (ours or name == "authors' method in memory")
+            # the in-memory reference runs in this process, not on the workers
+            peers_ran = peers_ran or not (_ours(name) or name == "authors' method in memory")
             if rep == 0:
                 r["errors"] = errors(out, ctx["reference"]) if ctx["reference"] else {}
             print(f"  {name:<32} {dt:8.2f}s", file=sys.stderr, flush=True)

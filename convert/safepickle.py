@@ -131,9 +131,9 @@ def _opcodes(data: bytes):
         code = data[pos]
         pos += 1
         if code == _SHORT_BINUNICODE:
-            end = pos + 1 + (data[pos] if pos < n else 0)
-            if pos >= n or end > n:
+            if pos >= n or pos + 1 + data[pos] > n:
                 raise ValueError("expected a SHORT_BINUNICODE string, got fewer bytes")
+            end = pos + 1 + data[pos]
             yield "SHORT_BINUNICODE", str(data[pos + 1:end], "utf-8", "surrogatepass")
             pos = end
             continue
