@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 
 import h5py
@@ -22,7 +23,13 @@ import numpy as np
 import pandas as pd
 
 from filterdb_dask.errors import InputError, UnsafePickleError
-from filterdb_dask.storeformat import DIRECT_ALIGN, MAX_KERNEL, MIN_KERNEL, aligned_empty
+from filterdb_dask.storeformat import (
+    DIRECT_ALIGN,
+    MAX_KERNEL,
+    MIN_KERNEL,
+    aligned_empty,
+    aligned_scratch,
+)
 
 from .safepickle import decode
 
@@ -668,6 +675,51 @@ def read_rows(path: str, name: str, start: int, stop: int) -> np.ndarray:
     return out
 
 
+def read_blocks(path: str, name: str, start: int, stop: int, rows: int):
+    """Rows ``[start, stop)`` of the filter dataset as consecutive (n, K²) blocks of
+    ``rows`` rows (the last one shorter), read as :func:`read_rows` reads (directly
+    from a contiguous dataset's bytes, else by h5py), the file opened once.
+
+    Each block of a direct read lies in this thread's reused buffer: it is valid
+    until the next block is asked for. A converter streaming a chunk through its
+    digest, check and encoder this way holds one block in memory, not the chunk: on
+    the 20 M benchmark file, the page faults of fresh chunk-sized buffers were a
+    quarter of a conversion's CPU time.
+    """
+    with h5py.File(path, "r", locking=False) as f:
+        d = node(f, name)
+        width = math.prod(d.shape[1:])
+        where = _contiguous_bytes(d)
+        dtype = d.dtype
+        fd = -1
+        if where is not None and getattr(os, "O_DIRECT", 0):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                fd = -1
+        try:
+            for a in range(start, stop, rows):
+                b = min(stop, a + rows)
+                out = None
+                if fd >= 0:
+                    out = _read_direct_fd(fd, where + a * width * dtype.itemsize,
+                                          (b - a, width), dtype, _block_scratch)
+                if out is None:
+                    out = d[a:b].reshape(b - a, -1)
+                yield out
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _block_scratch(n: int) -> np.ndarray:
+    """This thread's aligned buffer of at least ``n`` bytes for :func:`read_blocks`."""
+    return aligned_scratch(_blocks, n)
+
+
+_blocks = threading.local()
+
+
 def _contiguous_bytes(d: h5py.Dataset) -> int | None:
     """The file offset of a contiguous, allocated dataset of plain floats stored
     in the file itself (its values are then ``shape × itemsize`` raw bytes from
@@ -691,16 +743,28 @@ def _read_direct(path: str, offset: int, shape: tuple[int, int],
     None when the OS or the file system refuses direct I/O or the file ends early
     (the caller reads through h5py, which reports it)."""
     direct = getattr(os, "O_DIRECT", 0)
-    nbytes = shape[0] * shape[1] * dtype.itemsize
-    if not direct or nbytes == 0:
+    if not direct or shape[0] * shape[1] == 0:
         return None
-    lo = offset - offset % DIRECT_ALIGN
-    hi = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
-    buf = aligned_empty(hi - lo)
     try:
         fd = os.open(path, os.O_RDONLY | direct | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+    try:
+        return _read_direct_fd(fd, offset, shape, dtype, aligned_empty)
+    finally:
+        os.close(fd)
+
+
+def _read_direct_fd(fd: int, offset: int, shape: tuple[int, int], dtype: np.dtype,
+                    buffer) -> np.ndarray | None:
+    """:func:`_read_direct` from ``fd`` (opened with ``O_DIRECT``) into
+    ``buffer(nbytes)``, an aligned buffer (None: refused, or the file ends early)."""
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if nbytes == 0:
+        return None
+    lo = offset - offset % DIRECT_ALIGN
+    hi = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+    buf = buffer(hi - lo)
     try:
         got = 0
         while got < buf.size:
@@ -710,8 +774,6 @@ def _read_direct(path: str, offset: int, shape: tuple[int, int],
             got += n
     except OSError:
         return None
-    finally:
-        os.close(fd)
     start = offset - lo
     if got < start + nbytes:
         return None

@@ -10,9 +10,9 @@ rest rewritten, and the source rows of every finished chunk are read and hashed
 again: a source changed since the interrupted run is refused (the fingerprint alone
 sees only its size, meta and ends). The store's ``complete`` flag is set last.
 
-Speed: per chunk, one read of the rows, their SHA-256 and one finiteness sum, then
-:func:`storeformat.write_chunk` encodes and checksums each Zarr chunk in one pass and
-writes the encoded bytes itself; chunks run in parallel on dask's threads (hashlib,
+Speed: per chunk, one read of the rows, their BLAKE3 digest and one finiteness sum,
+then :func:`storeformat.write_chunk` encodes and checksums each Zarr chunk in one pass
+and writes the encoded files itself; chunks run in parallel on dask's threads (BLAKE3,
 the CRCs and the compressors release the GIL), and a process computing them itself
 keeps the chunk buffers on the heap (:func:`filterdb_dask.cluster.tune_allocator`).
 """
@@ -34,7 +34,7 @@ from filterdb_dask.errors import InputError, StoreError
 from filterdb_dask.storeformat import CODECS
 
 from .plan import chunk_layers, plan_chunks
-from .read import Source, read_rows, read_source
+from .read import Source, read_blocks, read_rows, read_source
 
 
 @dataclass
@@ -63,36 +63,48 @@ def fingerprint(src: Source) -> str:
     return h.hexdigest()
 
 
-def _read_hashed(src_path: str, name: str, a: int, b: int) -> tuple[np.ndarray, str]:
-    """Rows ``[a, b)`` of the source and the SHA-256 of their bytes as read."""
-    x = np.ascontiguousarray(read_rows(src_path, name, a, b))
-    return x, hashlib.sha256(x.data).hexdigest()
-
-
 # ----------------------------------------------------------------------- tasks
 def _write_chunk(
     store_path: str | fmt.Location, src_path: str, name: str, i: int, a: int, b: int,
     dtype: str, codec: str, width: int = 9,
 ):
-    """Read, check and write chunk ``i``; returns (i, mark, n_bad, first bad rows)."""
-    x, digest = _read_hashed(src_path, name, a, b)
-    # one float64 sum finds any NaN/Inf (float32 data cannot overflow it); only then
-    # look row by row, so clean chunks pay a single cheap pass
-    with np.errstate(invalid="ignore", over="ignore"):
-        total = x.sum(dtype=np.float64)
-    if not np.isfinite(total):
-        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-        if not finite.all():
-            bad = np.nonzero(~finite)[0]
-            return i, None, int((~np.isfinite(x)).sum()), (bad[:5] + a).tolist()
-    mark = fmt.write_chunk(store_path, i, x.reshape(len(x), width), a, b, dtype, codec, digest,
-                           width)
-    return i, mark, 0, []
+    """Read, check and write chunk ``i``, one stored Zarr chunk's rows at a time (read,
+    digested, checked and encoded while in cache; one block in memory); returns
+    (i, mark, n_bad, first bad rows). A chunk with NaN/Inf is read to its end (all of
+    its bad values counted) and left without a mark."""
+    digest = fmt.SourceDigest()
+    writer = fmt.ChunkWriter(store_path, i, a, b, dtype, codec, width)
+    n_bad, bad_rows = 0, []
+    at = a
+    for x in read_blocks(src_path, name, a, b, writer.rows):
+        digest.update(x)
+        # one float64 sum finds any NaN/Inf (float32 data cannot overflow it); only then
+        # look row by row, so clean blocks pay a single cheap pass
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = x.sum(dtype=np.float64)
+        if not np.isfinite(total):
+            finite = np.isfinite(x)
+            if not finite.all():
+                n_bad += int((~finite).sum())
+                bad_rows.extend((np.nonzero(~finite.all(axis=1))[0][:5] + at).tolist())
+        if not n_bad:
+            writer.write(x.reshape(len(x), width))
+        at += len(x)
+    if n_bad:
+        return i, None, n_bad, sorted(bad_rows)[:5]
+    return i, writer.commit(digest.value()), 0, []
 
 
-def _source_unchanged(src_path: str, name: str, i: int, a: int, b: int, recorded: str):
+def _source_unchanged(src_path: str, name: str, i: int, a: int, b: int, rows: int,
+                      recorded: str):
     """Chunk ``i`` of an interrupted run: are its source rows still the ones written?"""
-    return i, _read_hashed(src_path, name, a, b)[1] == recorded
+    algo = recorded.partition(":")[0]
+    if algo != "blake3":  # another digest (recorded by schema 2): the whole rows at once
+        return i, fmt.digest_matches(recorded, read_rows(src_path, name, a, b))
+    digest = fmt.SourceDigest()
+    for x in read_blocks(src_path, name, a, b, rows):
+        digest.update(x)
+    return i, digest.value() == recorded
 
 
 # ----------------------------------------------------------------------- convert
@@ -170,7 +182,8 @@ def convert(
         for i, (a, b) in enumerate(plan):
             if i in done:
                 tasks.append(dask.delayed(_source_unchanged, pure=False)(
-                    src_path, src.name, i, int(a), int(b), done[i].source_sha256))
+                    src_path, src.name, i, int(a), int(b), fmt.zarr_chunk_rows(int(b - a)),
+                    done[i].source_digest))
             else:
                 tasks.append(dask.delayed(_write_chunk, pure=False)(
                     loc, src_path, src.name, i, int(a), int(b), store_dtype.name, codec,

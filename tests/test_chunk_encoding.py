@@ -54,6 +54,13 @@ def test_direct_write_equals_zarrs_own(tmp_path, monkeypatch, codec, dtype, rows
         assert got[k] == want[k], k
     assert mark.crc32 == fmt.checksum(x)
     assert mark.stored_crc32c == tuple(fmt._stored_marks(arr))
+    # the array's zarr.json as Zarr writes it, the mark in its attributes
+    import json
+
+    arr.update_attributes(mark.to_attrs(10, 10 + rows))
+    here = os.path.join(fmt.chunk_name(3), "zarr.json")
+    assert (json.loads(open(os.path.join(direct, here)).read())
+            == json.loads(open(os.path.join(ref, here)).read()))
     back = fmt.read_chunk(direct, 3, 10, 10 + rows, dtype, codec, mark.stored_crc32c)
     assert back.dtype == np.dtype(dtype)
     assert back.tobytes() == x.tobytes()
@@ -229,3 +236,39 @@ def test_a_failing_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         fmt._write_file(str(tmp_path / "x"), parts)
     assert os.listdir(tmp_path) == []
+
+
+def test_direct_write_replaces_a_planted_directory_link(tmp_path, monkeypatch):
+    # a chunk array's directory replaced by a link to another directory: the writer
+    # removes the link and writes its own directory; the linked one is left untouched
+    monkeypatch.setattr(fmt, "ZARR_CHUNK_ROWS", 1000)
+    x = _values(1000, "float32", seed=8)
+    path = str(tmp_path / "s")
+    os.makedirs(os.path.join(path, "filters"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_bytes(b"keep")
+    os.symlink(elsewhere, os.path.join(path, fmt.chunk_name(0)))
+    mark = fmt.write_chunk(path, 0, x, 0, 1000, "float32", "lz4", "ab" * 32)
+    assert sorted(os.listdir(elsewhere)) == ["keep"]
+    assert not os.path.islink(os.path.join(path, fmt.chunk_name(0)))
+    back = fmt.read_chunk(path, 0, 0, 1000, "float32", "lz4", mark.stored_crc32c)
+    assert back.tobytes() == x.tobytes()
+
+
+def test_an_unfinished_chunk_array_has_no_mark(tmp_path, monkeypatch):
+    # the mark (the array's zarr.json) is written last: the encoded chunks alone, as a
+    # run killed between them leaves them, are not a written chunk, and the next write
+    # replaces whatever was there
+    monkeypatch.setattr(fmt, "ZARR_CHUNK_ROWS", 1000)
+    x = _values(2500, "float32", seed=9)
+    path = str(tmp_path / "s")
+    mark = fmt.write_chunk(path, 0, x, 0, 2500, "float32", "lz4", "ab" * 32)
+    d = os.path.join(path, fmt.chunk_name(0))
+    os.remove(os.path.join(d, "zarr.json"))
+    open(os.path.join(d, "stale.partial"), "wb").close()
+    assert fmt.chunk_mark(path, 0, 0, 2500, "float32", "lz4") is None
+    again = fmt.write_chunk(path, 0, x, 0, 2500, "float32", "lz4", "ab" * 32)
+    assert again == mark
+    assert "stale.partial" not in os.listdir(d)
+    assert fmt.chunk_mark(path, 0, 0, 2500, "float32", "lz4") == mark

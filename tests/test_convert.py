@@ -223,3 +223,60 @@ def test_open_store_errors(tmp_path):
     g.attrs["filterdb"] = {"schema_version": 0}
     with pytest.raises(StoreError, match="schema 0"):
         open_store(tmp_path / "old.zarr")
+
+
+def _as_schema_2(store: str, sources: list[np.ndarray]) -> None:
+    """Rewrite a store's record and chunk marks as schema 2 wrote them (SHA-256 of the
+    source rows under ``source_sha256``)."""
+    import hashlib
+
+    from filterdb_dask import storeformat as fmt
+
+    g = zarr.open_group(store, mode="a")
+    attrs = dict(g.attrs[fmt.ATTR_KEY])
+    digests = [hashlib.sha256(np.ascontiguousarray(x).data).hexdigest() for x in sources]
+    attrs.pop("source_digest")
+    if attrs["complete"]:
+        attrs["source_sha256"] = digests
+    g.attrs[fmt.ATTR_KEY] = dict(attrs, schema_version=2)
+    for i, d in enumerate(digests):
+        arr = zarr.open_array(store, path=fmt.chunk_name(i), mode="a")
+        a = dict(arr.attrs)
+        a.pop("source_digest")
+        arr.attrs.put(dict(a, source_sha256=d))
+
+
+def test_schema_2_stores_are_read_appended_to_and_never_resumed(tmp_path):
+    from filterdb_dask import storeformat as fmt
+
+    sizes = [30, 20, 40, 10]
+    meta = simple_meta(sizes, models=[0, 1, 2, 3])
+    x = _filters(sum(sizes)).astype(np.float32)
+    p = write_h5(tmp_path / "d.h5", x, meta)
+    s = str(tmp_path / "s.zarr")
+    convert(p, s, chunk_filters=40, verbosity=0)
+    plan = open_store(s).plan
+    rec = fmt.read_record(s)
+    assert all(d.startswith("blake3:") and len(d) == 7 + 64 for d in rec.source_digest)
+    _as_schema_2(s, [x[a:b] for a, b in plan])
+    old = fmt.read_record(s)
+    assert old.source_digest[0].startswith("sha256:")
+    np.testing.assert_array_equal(open_store(s).filters.compute(), x)
+    assert verify(s, p, verbosity=0).ok
+    assert convert(p, s, chunk_filters=40, verbosity=0).written == 0  # complete: kept
+    marks = {i: fmt.chunk_mark(s, i, int(a), int(b), "float32", "lz4")
+             for i, (a, b) in enumerate(plan)}
+    assert all(m is not None and m.source_digest.startswith("sha256:") for m in marks.values())
+    # a digest of either kind is checked against the bytes it names
+    assert fmt.digest_matches(marks[0].source_digest, x[plan[0, 0]:plan[0, 1]])
+    assert not fmt.digest_matches(marks[0].source_digest, x[plan[1, 0]:plan[1, 1]])
+    assert fmt.digest_matches(fmt.source_digest(x[:5]), x[:5])
+    assert not fmt.digest_matches("md5:" + "0" * 32, x[:5])
+    # an unfinished schema-2 conversion is not resumed by this version
+    t = str(tmp_path / "t.zarr")
+    convert(p, t, chunk_filters=40, verbosity=0)
+    _as_schema_2(t, [x[a:b] for a, b in plan])
+    g = zarr.open_group(t, mode="a")
+    g.attrs[fmt.ATTR_KEY] = dict(g.attrs[fmt.ATTR_KEY], complete=False)
+    with pytest.raises(StoreError, match="unfinished conversion by an older version"):
+        convert(p, t, chunk_filters=40, verbosity=0)

@@ -264,7 +264,7 @@ def test_old_schema_store_is_refused(store, tmp_path):
     zarr.open_group(store, mode="a").attrs[fmt.ATTR_KEY] = dict(rec.to_attrs(),
                                                                 schema_version=1)
     out = _run("analyze", store, "--out", str(tmp_path / "r"), "--scheduler", "threads")
-    _assert_refused(out, "has store schema 1; this version reads schema 2")
+    _assert_refused(out, "has store schema 1; this version reads schemas 2 and 3")
     assert "convert again" in out.stderr
 
 
