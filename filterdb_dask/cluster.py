@@ -105,7 +105,8 @@ class Execution:
         """``dask.compute(*collections)`` here, with progress on stderr; a tuple.
 
         ``io_bound=True`` runs twice as many threads as cores on the threaded
-        scheduler, so reads overlap with compression (no effect elsewhere).
+        scheduler, named or dask's default (so reads overlap with compression; no
+        effect elsewhere).
         """
         rep = progress.Reporter(label, verbosity=self.verbosity)
         if self.client is not None:
@@ -116,7 +117,7 @@ class Execution:
             kwargs = {}
             if self.scheduler is not None:
                 kwargs["scheduler"] = self.scheduler
-            if io_bound and self.scheduler == "threads":
+            if io_bound and _threaded(self.scheduler, collections):
                 kwargs["num_workers"] = 2 * _usable_cpus()
             with progress.counting(rep):
                 results = dask.compute(*collections, **kwargs)
@@ -129,6 +130,20 @@ def ensure(execution: Execution | None, verbosity: int | None = None) -> Executi
     if execution is not None:
         return execution
     return Execution("dask default scheduler", verbosity=1 if verbosity is None else verbosity)
+
+
+def _threaded(scheduler: str | None, collections) -> bool:
+    """Whether ``dask.compute(*collections, scheduler=scheduler)`` would run on dask's
+    threaded scheduler (named, configured, or the default of these collections)."""
+    from dask.base import get_scheduler, is_dask_collection
+    from dask.threaded import get as threaded_get
+
+    flat = [c for x in collections for c in (x if isinstance(x, (list, tuple)) else [x])
+            if is_dask_collection(c)]
+    try:
+        return get_scheduler(scheduler=scheduler, collections=flat or None) is threaded_get
+    except (ValueError, AttributeError):
+        return False
 
 
 def _usable_cpus() -> int:

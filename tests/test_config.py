@@ -72,3 +72,18 @@ def test_debug_shows_the_chained_cause(synth_store, tmp_path, capsys):
 
 def test_version_from_package_metadata():
     assert filterdb_dask.__version__ == importlib.metadata.version("filterdb-dask")
+
+
+@pytest.mark.parametrize("scheduler", ["threads", None])
+def test_io_bound_work_gets_two_threads_per_core(scheduler):
+    # every task waits at a barrier for all the others: it passes only if the threaded
+    # scheduler, named or dask's default, runs 2 x cores of them at once
+    import threading
+
+    from filterdb_dask.cluster import Execution, _usable_cpus
+
+    n = 2 * _usable_cpus()
+    barrier = threading.Barrier(n, timeout=20)
+    tasks = [dask.delayed(barrier.wait, pure=False)() for _ in range(n)]
+    (got,) = Execution("t", scheduler=scheduler, verbosity=0).compute(tasks, io_bound=True)
+    assert sorted(got) == list(range(n))
