@@ -43,7 +43,7 @@ def unchecked_copy(store, path: str):
         x = store.filters.blocks[i].compute(scheduler="synchronous")
         comps = fmt._compressors(rec.codec, np.dtype(rec.dtype).itemsize)[:-1] or None
         arr = zarr.create_array(path, name=fmt.chunk_name(i), shape=x.shape,
-                                chunks=(fmt._zarr_rows(int(b - a)), 9), dtype=x.dtype,
+                                chunks=(fmt.zarr_chunk_rows(int(b - a)), 9), dtype=x.dtype,
                                 compressors=comps, overwrite=True)
         arr[...] = x
     name = "plain-filters-" + os.path.basename(path)

@@ -743,7 +743,7 @@ def _read_direct(path: str, offset: int, shape: tuple[int, int],
     None when the OS or the file system refuses direct I/O or the file ends early
     (the caller reads through h5py, which reports it)."""
     direct = getattr(os, "O_DIRECT", 0)
-    if not direct or shape[0] * shape[1] == 0:
+    if not direct:
         return None
     try:
         fd = os.open(path, os.O_RDONLY | direct | getattr(os, "O_CLOEXEC", 0))
