@@ -121,6 +121,36 @@ def test_direct_read_equals_zarrs_own_read(tmp_path, monkeypatch, codec):
 
 
 @pytest.mark.parametrize("codec", fmt.CODECS)
+def test_a_local_chunk_is_read_without_opening_it_through_zarr(tmp_path, monkeypatch,
+                                                               codec):
+    """A local chunk whose zarr.json is exactly the record's is read from its files
+    alone; any other zarr.json goes through Zarr's opening and its checks."""
+    import json
+
+    import zarr
+
+    monkeypatch.setattr(fmt, "ZARR_CHUNK_ROWS", 1000)
+    x = _values(2500, "float32", seed=6)
+    path = str(tmp_path / "s")
+    mark = fmt.write_chunk(path, 0, x, 0, 2500, "float32", codec, "ab" * 32)
+    opened = []
+    real = zarr.open_array
+    monkeypatch.setattr(zarr, "open_array", lambda *a, **k: opened.append(1) or real(*a, **k))
+    got = fmt.read_chunk(path, 0, 0, 2500, "float32", codec, mark.stored_crc32c)
+    assert got.tobytes() == x.tobytes() and not opened
+    meta = os.path.join(path, "filters", "00000", "zarr.json")
+    md = json.load(open(meta))
+    for edit in ({"rows": [0, 2499]}, {"fill_value": 1.0}):
+        bad = dict(md, **edit) if "rows" not in edit else dict(
+            md, attributes=dict(md["attributes"], **edit))
+        with open(meta, "w") as fh:
+            json.dump(bad, fh)
+        with pytest.raises(fmt.StoreError, match="zarr.json differs from the store's record"):
+            fmt.read_chunk(path, 0, 0, 2500, "float32", codec, mark.stored_crc32c)
+    assert opened
+
+
+@pytest.mark.parametrize("codec", fmt.CODECS)
 def test_direct_read_refuses_a_chunk_of_the_wrong_size(tmp_path, monkeypatch, codec):
     # a stored chunk replaced by a valid encoding of half the rows, its trailer and the
     # mark consistent: the decoder must refuse it, not return half-filled memory
