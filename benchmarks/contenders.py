@@ -106,21 +106,13 @@ def fdb_pass3(ctx):
                                            g.n_groups)}
 
 
-def fdb_whole(ctx, persist=None):
-    """``analyze`` as a user runs it: the filters held in the workers' memory across
-    the passes when they fit (``persist`` 'auto', the default)."""
+def fdb_whole(ctx):
     from filterdb_dask.analysis import analyze
 
-    res = analyze(ctx["store"], bins=ctx["bins"], verbosity=0, persist=persist)
+    res = analyze(ctx["store"], bins=ctx["bins"], verbosity=0)
     slug = ctx["grouping"].slug
     return {"pca": res.pca, "group_hist": res.group_hist[slug], "kl": res.kl[slug].to_numpy(),
             "coef_range": res.coef_range, "results": res}
-
-
-def fdb_whole_read_per_pass(ctx):
-    """The whole analysis with every pass reading the store (``persist=False``): what a
-    store too large to hold in memory costs per filter."""
-    return fdb_whole(ctx, persist=False)
 
 
 def authors_in_memory(ctx):
@@ -280,7 +272,6 @@ CONTENDERS = {
     "filterdb_dask pass 2": fdb_pass2,
     "filterdb_dask pass 3": fdb_pass3,
     "filterdb_dask whole analysis": fdb_whole,
-    "filterdb_dask whole analysis, read per pass": fdb_whole_read_per_pass,
     "authors' method in memory": authors_in_memory,
     "dask-ml PCA (tsqr)": daskml_pca,
     "xhistogram grouped histograms": xhistogram_groups,

@@ -6,15 +6,12 @@ Pass 2: coefficient range + 2-D density of coefficients 0 vs 1 (needs the PCA).
 Pass 3: per-layer histograms (layers x 9 x bins) + fine per-group histograms
         (needs the range) -> group histograms of any grouping, KL matrices, ridges.
 
-Each pass is one ``compute`` of all its outputs. The decoded filters are held in
-memory across the passes when they fit (``persist``; the store is then read once),
-otherwise each pass reads the store. Everything after the passes is small numpy
-work on per-layer results.
+Each pass is one ``compute`` of all its outputs, so the data is read three times.
+Everything after the passes is small numpy work on per-layer results.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -150,40 +147,6 @@ def _check_drift_ref(groupings, drift_ref) -> str:
     return drift_ref
 
 
-def normalize_persist(persist) -> str | bool:
-    """``persist`` as 'auto', True or False ('yes'/'no'/'on'/'off'/'true'/'false' too).
-
-    Raises
-    ------
-    AnalysisError
-        Anything else.
-    """
-    words = {"auto": "auto", "yes": True, "on": True, "true": True,
-             "no": False, "off": False, "false": False}
-    if isinstance(persist, bool):
-        return persist
-    if isinstance(persist, str) and persist.strip().lower() in words:
-        return words[persist.strip().lower()]
-    raise AnalysisError(f"`persist` {persist!r}: use auto, yes or no")
-
-
-def _held(store, ex: cluster.Execution, persist):
-    """``store`` with its filters held in memory for the passes where ``persist``
-    (None: the configured ``analysis.persist``) says so; otherwise ``store``."""
-    mode = normalize_persist(config.get("analysis.persist") if persist is None else persist)
-    if mode is False:
-        return store
-    if mode == "auto":
-        frac = config.get("analysis.persist-fraction")
-        if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac <= 1:
-            raise AnalysisError(f"analysis.persist-fraction {frac!r}: a number in [0, 1]")
-        memory = ex.memory()
-        if memory is None or store.filters.nbytes > frac * memory:
-            return store
-    filters = ex.persist(store.filters, label="reading the store into memory")
-    return dataclasses.replace(store, filters=filters)
-
-
 def analyze(
     store,
     *,
@@ -201,7 +164,6 @@ def analyze(
     entropy_cutoffs=None,
     basis=None,
     drift_ref=None,
-    persist=None,
 ) -> Results:
     """Run the analysis of docs/method.md on a store, in three passes.
 
@@ -246,11 +208,6 @@ def analyze(
     drift_ref : the reference group of the drift curves (groupings by a numeric meta
         column: KL of every group to this one, ``Results.drift_to``); it must be a
         label of at least one of them. Default: each such grouping's first group.
-    persist : hold the decoded filters in memory across the passes (the store is
-        read once): 'auto' (when they take at most ``analysis.persist-fraction`` of
-        the memory the computation may hold: the workers' memory limits summed, or
-        this machine's available memory on dask's local schedulers), True or
-        False; None: the configured ``analysis.persist`` (auto).
 
     Returns
     -------
@@ -262,8 +219,7 @@ def analyze(
         Unknown grouping column, bad bins, an empty or unknown subset, two models
         sharing one ``model_id``, an ``out_channels`` column that does not fit the
         stored layers, a bad pairs file or correlate column, too few filters, or a
-        ``basis`` that is not a result set or does not fit the store (dimension, bins),
-        or a bad ``persist``.
+        ``basis`` that is not a result set or does not fit the store (dimension, bins).
     """
     from .engines import resolve_engine
     from .histograms import _validate_bins
@@ -310,11 +266,10 @@ def analyze(
     subset_masks = _normalize_subsets(
         meta, default_subsets(meta) if subsets is None else subsets
     )
+    # pass 1
     if orthogonality is None:
         orthogonality = config.get("analysis.orthogonality")
-    # the caller's store object is left as it is (its filters read from the store)
-    store = _held(store, ex, persist)
-    # pass 1: every kernel of pass 1 in one task per chunk: each chunk read once
+    # every kernel of pass 1 in one task per chunk: each chunk read once
     maps = [layer_stats_map(store, engine=engine)]
     if sparsity_eps:
         maps.append(sparsity_sweep_map(store, sparsity_eps, engine=engine))

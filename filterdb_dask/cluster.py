@@ -124,65 +124,6 @@ class Execution:
         rep.finish()
         return results
 
-    def _client(self):
-        """The distributed client that computes here: this context's, or the default
-        client dask's ambient scheduler would use (None: a local scheduler)."""
-        if self.client is not None or self.scheduler is not None:
-            return self.client
-        from dask.base import get_scheduler
-
-        try:
-            owner = getattr(get_scheduler(), "__self__", None)
-        except (ValueError, AttributeError):
-            return None
-        return owner if type(owner).__name__ == "Client" else None
-
-    def memory(self) -> int | None:
-        """Bytes of memory the computation may hold: the workers' memory limits summed
-        (a distributed client), or this machine's available memory (dask's threaded
-        or synchronous scheduler); None where unknown (a worker without a limit, the
-        processes scheduler)."""
-        client = self._client()
-        if client is not None:
-            workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
-            limits = [w.get("memory_limit") or 0 for w in workers]
-            return sum(limits) if limits and all(limits) else None
-        from dask.base import get_scheduler
-        from dask.local import get_sync
-        from dask.threaded import get as threaded_get
-
-        try:
-            local = get_scheduler(scheduler=self.scheduler) in (threaded_get, get_sync, None)
-        except (ValueError, AttributeError):
-            return None
-        if not local:
-            return None
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-
-    def persist(self, collection, *, label: str = "reading into memory"):
-        """``collection`` computed and held in memory (the workers' when distributed),
-        with progress; a failed task raises here, as :meth:`compute` would."""
-        rep = progress.Reporter(label, verbosity=self.verbosity)
-        client = self._client()
-        if client is not None:
-            from distributed import futures_of, wait
-
-            held = client.persist(collection)
-            futures = futures_of(held)
-            progress.follow(futures, rep)
-            wait(futures)
-            for f in futures:
-                if f.status == "error":
-                    f.result()  # raises the task's own exception
-        else:
-            kwargs = {} if self.scheduler is None else {"scheduler": self.scheduler}
-            with progress.counting(rep):
-                (held,) = dask.persist(collection, **kwargs)
-        rep.finish()
-        return held
-
 
 def ensure(execution: Execution | None, verbosity: int | None = None) -> Execution:
     """``execution``, or dask's ambient scheduler for library calls made without one."""

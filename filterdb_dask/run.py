@@ -267,11 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset PCA (repeatable; default one per Visual Category)")
     a.add_argument("--engine", choices=("auto", "numba", "numpy"),
                    help=f"per-chunk kernels (default {config.get('analysis.engine')})")
-    a.add_argument("--persist", choices=("auto", "yes", "no"),
-                   help="hold the decoded filters in the workers' memory across the three "
-                        "passes, so the store is read once: auto = when they take at most "
-                        "analysis.persist-fraction (0.25) of the workers' memory (default: "
-                        f"the config's analysis.persist, {config.get('analysis.persist')})")
     a.add_argument("--sparsity-eps", type=_eps_list, metavar="E1,E2,...",
                    help="sparsity thresholds swept in pass 1, e.g. 0.001,0.005,0.01,0.05,0.1 "
                         "(quality.csv gains sparsity@E and clean variance entropy per E; "
@@ -492,7 +487,7 @@ def cmd_analyze(args) -> int:
                       execution=ex, sparsity_eps=args.sparsity_eps,
                       orthogonality=args.orthogonality, pairs=args.pairs,
                       correlate=args.correlate, entropy_cutoffs=args.entropy_cutoffs,
-                      basis=basis, drift_ref=args.drift_ref, persist=args.persist)
+                      basis=basis, drift_ref=args.drift_ref)
     res.settings.update({"scheduler": ex.description})
     paths = res.write(args.out, report=not args.no_report, verbosity=_verbosity(args))
     print(f"results: {os.path.abspath(args.out)}")

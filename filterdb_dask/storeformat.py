@@ -484,8 +484,7 @@ def _local_chunk_metadata(root: str, i: int, a: int, b: int, dtype: str, codec: 
     for anything else, which the caller then opens through Zarr and reports.
 
     Opening each chunk array through Zarr costs ~4 ms of thread hand-offs to its event
-    loop, a tenth of reading a chunk of 2^20 filters (once per pass of an analysis that
-    does not hold the filters in memory)."""
+    loop, a tenth of reading a chunk of 2^20 filters in one thread."""
     path = os.path.join(root, *chunk_name(i).split("/"), "zarr.json")
     try:
         raw = _read_file(path, 1 << 16)

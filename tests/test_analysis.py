@@ -207,7 +207,10 @@ def test_each_chunk_is_read_inside_the_task_that_reduces_it(synth_store):
     np.testing.assert_array_equal(a[1], b[1])
 
 
-def _counting_reads(monkeypatch) -> list:
+@pytest.mark.parametrize("eps", [[], [0.01, 0.1]])
+def test_every_chunk_is_read_once_per_pass(synth_store, monkeypatch, eps):
+    """Three passes read each chunk three times, also when pass 1 runs several
+    kernels on it (moments and the sparsity sweep)."""
     from filterdb_dask import storeformat
 
     calls = []
@@ -218,54 +221,10 @@ def _counting_reads(monkeypatch) -> list:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(storeformat, "read_chunk", counting)
-    return calls
-
-
-@pytest.mark.parametrize("eps", [[], [0.01, 0.1]])
-def test_every_chunk_is_read_once_per_pass(synth_store, monkeypatch, eps):
-    """Without ``persist``, three passes read each chunk three times, also when pass 1
-    runs several kernels on it (moments and the sparsity sweep)."""
-    calls = _counting_reads(monkeypatch)
     store = open_store(synth_store)
     with dask.config.set(scheduler="sync"):
-        analyze(store, sparsity_eps=eps, verbosity=0, persist=False)
+        analyze(store, sparsity_eps=eps, verbosity=0)
     assert sorted(calls) == sorted(list(range(store.n_chunks)) * 3)
-
-
-@pytest.mark.parametrize("persist", [True, "auto", None])
-def test_held_filters_are_read_once_and_give_the_same_bits(synth_store, monkeypatch,
-                                                            persist):
-    """``persist`` (and 'auto', the default, for a store far below a quarter of this
-    machine's memory) reads each chunk once for all three passes; the results are
-    the bits of the passes that each read the store."""
-    with dask.config.set(scheduler="sync"):
-        plain = analyze(open_store(synth_store), verbosity=0, persist=False)
-        calls = _counting_reads(monkeypatch)
-        store = open_store(synth_store)
-        filters = store.filters
-        held = analyze(store, verbosity=0, persist=persist)
-    assert sorted(calls) == list(range(store.n_chunks))
-    np.testing.assert_array_equal(held.layer_stats, plain.layer_stats)
-    np.testing.assert_array_equal(held.layer_hist, plain.layer_hist)
-    np.testing.assert_array_equal(held.density, plain.density)
-    np.testing.assert_array_equal(held.coef_range, plain.coef_range)
-    assert store.filters is filters  # the caller's store is left reading the store
-
-
-def test_auto_persist_leaves_a_store_too_large_for_its_share_unheld(synth_store,
-                                                                    monkeypatch):
-    """'auto' reads per pass when the filters exceed ``analysis.persist-fraction`` of
-    the memory (here a fraction of 0); a bad setting is one clear error."""
-    calls = _counting_reads(monkeypatch)
-    store = open_store(synth_store)
-    with dask.config.set({"scheduler": "sync", "filterdb_dask.analysis.persist-fraction": 0}):
-        analyze(store, verbosity=0)
-    assert len(calls) == 3 * store.n_chunks
-    with pytest.raises(AnalysisError, match="persist-fraction 2: a number in"), \
-            dask.config.set({"filterdb_dask.analysis.persist-fraction": 2}):
-        analyze(store, verbosity=0)
-    with pytest.raises(AnalysisError, match="`persist` 'maybe': use auto, yes or no"):
-        analyze(store, verbosity=0, persist="maybe")
 
 
 def test_bad_options(synth_store):
@@ -546,8 +505,7 @@ def test_ctrl_c_during_a_pass_prints_one_line(tmp_path):
     os.killpg(p.pid, signal.SIGINT)
     p.wait(timeout=120)
     reader.join()
-    err = [ln for ln in lines if "dashboard" not in ln
-           and not ln.startswith(("pass ", "reading the store"))]
+    err = [ln for ln in lines if "dashboard" not in ln and not ln.startswith("pass ")]
     assert p.returncode == 130 and err == ["filterdb-dask: interrupted\n"], lines
     assert not (tmp_path / "out").exists()
 

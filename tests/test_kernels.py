@@ -404,15 +404,12 @@ def test_results_identical_on_1_2_and_4_worker_processes(synth_store):
 
     from filterdb_dask.analysis import analyze
 
-    threaded = analyze(synth_store, verbosity=0, persist=False)
+    threaded = analyze(synth_store, verbosity=0)
     for n in (1, 2, 4):
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                           host="127.0.0.1", dashboard_address=None,
                           memory_limit="1GiB") as cluster, Client(cluster):
-            # the filters held in the workers' memory ('auto': they fit) and read
-            # per pass
             _same_bits(analyze(synth_store, verbosity=0), threaded)
-            _same_bits(analyze(synth_store, verbosity=0, persist=False), threaded)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
