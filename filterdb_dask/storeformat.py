@@ -452,6 +452,12 @@ def _open_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec:
     return arr
 
 
+def _stored_keys(prefix: str, md, n: int) -> list[str]:
+    """Store keys of the ``n`` stored Zarr chunks of the chunk array at ``prefix``
+    whose metadata is ``md``."""
+    return [f"{prefix}/{md.encode_chunk_key((j, 0))}" for j in range(n)]
+
+
 def _stored_marks(arr) -> list[int | None]:
     """The CRC-32C trailer of every stored Zarr chunk of ``arr`` (None: missing)."""
     import asyncio
@@ -461,8 +467,7 @@ def _stored_marks(arr) -> list[int | None]:
     from zarr.core.sync import sync
 
     sp = arr.store_path
-    keys = [f"{sp.path}/{arr.metadata.encode_chunk_key((j, 0))}"
-            for j in range(arr.cdata_shape[0])]
+    keys = _stored_keys(sp.path, arr.metadata, arr.cdata_shape[0])
     proto = default_buffer_prototype()
 
     async def _all():
@@ -516,18 +521,15 @@ def read_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: 
     if not loc.remote:
         md = _local_chunk_metadata(loc.path, i, a, b, dtype, codec, width)
         if md is not None:  # exactly the record's: no need to open it through Zarr
-            rows = zarr_chunk_rows(b - a)
-            keys = [f"{chunk_name(i)}/{md.encode_chunk_key((j, 0))}"
-                    for j in range(-(-(b - a) // rows))]
-            return _get_decoded(keys, rows, b - a, width, dtype, marks,
+            keys = _stored_keys(chunk_name(i), md, _n_zarr_chunks(b - a))
+            return _get_decoded(keys, zarr_chunk_rows(b - a), b - a, width, dtype, marks,
                                 _decoder(md.codecs, dtype), where, loc.path)
     arr = _open_chunk(path, i, a, b, dtype, codec, width)
     path = loc.url
     decode = _chunk_decoder(arr)
     if decode is not None:
         sp = arr.store_path
-        keys = [f"{sp.path}/{arr.metadata.encode_chunk_key((j, 0))}"
-                for j in range(arr.cdata_shape[0])]
+        keys = _stored_keys(sp.path, arr.metadata, arr.cdata_shape[0])
         return _get_decoded(keys, arr.chunks[0], b - a, arr.shape[1], arr.dtype, marks,
                             decode, where, None if loc.remote else loc.path, sp.store)
     found = _stored_marks(arr)
@@ -927,7 +929,6 @@ class ChunkWriter:
         _write_file(os.path.join(self._dir, "zarr.json"),
                     (md.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes(),))
         return mark
-
 
     def _put_all(self) -> None:
         import asyncio
