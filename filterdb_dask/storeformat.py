@@ -35,6 +35,7 @@ bytes. :func:`read_meta` checks the meta table's digest and every layer's bounds
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -435,6 +436,9 @@ def _open_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec:
 
     loc = location(path)
     where = f"chunk {i} (rows {a}:{b}) of {loc.url!r}"
+    if not loc.remote:
+        with contextlib.suppress(OSError):  # Zarr reports what else is wrong
+            _read_chunk_json(loc.path, i, where)  # refuses what Zarr's read would hang on
     try:
         arr = zarr.open_array(loc.zarr_store(), path=chunk_name(i), mode="r")
         md = _plain(arr.metadata.to_dict())
@@ -482,17 +486,40 @@ def _stored_marks(arr) -> list[int | None]:
     return out
 
 
+def _read_chunk_json(root: str, i: int, where: str) -> np.ndarray | None:
+    """The bytes of local chunk ``i``'s ``zarr.json`` (None: missing), read by
+    :func:`_read_file` (this thread's scratch buffer).
+
+    Raises
+    ------
+    StoreError
+        Something other than a regular file of at most 64 KiB is in its place: a FIFO
+        would block Zarr's own read of it forever, a device or a huge file exhaust it.
+    """
+    path = os.path.join(root, *chunk_name(i).split("/"), "zarr.json")
+    try:
+        return _read_file(path, 1 << 16)
+    except ValueError as exc:
+        raise StoreError(f"{where}: its zarr.json is not a regular file of at most 64 KiB "
+                         f"({exc}); {_REPAIR}") from exc
+
+
 def _local_chunk_metadata(root: str, i: int, a: int, b: int, dtype: str, codec: str,
-                          width: int):
+                          width: int, where: str):
     """Zarr's metadata object of local chunk ``i`` when its ``zarr.json`` is exactly the
     record's (rows ``[a, b)``, the expected shape and codecs), read as one file; None
     for anything else, which the caller then opens through Zarr and reports.
 
     Opening each chunk array through Zarr costs ~4 ms of thread hand-offs to its event
-    loop, a tenth of reading a chunk of 2^20 filters in one thread."""
-    path = os.path.join(root, *chunk_name(i).split("/"), "zarr.json")
+    loop, a tenth of reading a chunk of 2^20 filters in one thread.
+
+    Raises
+    ------
+    StoreError
+        See :func:`_read_chunk_json`.
+    """
     try:
-        raw = _read_file(path, 1 << 16)
+        raw = _read_chunk_json(root, i, where)
         md = None if raw is None else json.loads(raw.tobytes())
     except (OSError, ValueError):
         return None
@@ -519,7 +546,7 @@ def read_chunk(path: str | Location, i: int, a: int, b: int, dtype: str, codec: 
     loc = location(path)
     where = f"chunk {i} (rows {a}:{b}) of {loc.url!r}"
     if not loc.remote:
-        md = _local_chunk_metadata(loc.path, i, a, b, dtype, codec, width)
+        md = _local_chunk_metadata(loc.path, i, a, b, dtype, codec, width, where)
         if md is not None:  # exactly the record's: no need to open it through Zarr
             keys = _stored_keys(chunk_name(i), md, _n_zarr_chunks(b - a))
             return _get_decoded(keys, zarr_chunk_rows(b - a), b - a, width, dtype, marks,

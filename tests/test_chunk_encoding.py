@@ -148,6 +148,13 @@ def test_a_local_chunk_is_read_without_opening_it_through_zarr(tmp_path, monkeyp
         with pytest.raises(fmt.StoreError, match="zarr.json differs from the store's record"):
             fmt.read_chunk(path, 0, 0, 2500, "float32", codec, mark.stored_crc32c)
     assert opened
+    # a FIFO in its place is refused at once (Zarr's read of it would never return)
+    os.remove(meta)
+    os.mkfifo(meta)
+    with pytest.raises(fmt.StoreError, match="zarr.json is not a regular file"):
+        fmt.read_chunk(path, 0, 0, 2500, "float32", codec, mark.stored_crc32c)
+    with pytest.raises(fmt.StoreError, match="zarr.json is not a regular file"):
+        fmt._open_chunk(path, 0, 0, 2500, "float32", codec)  # what opening a store checks
 
 
 @pytest.mark.parametrize("codec", fmt.CODECS)
