@@ -152,19 +152,25 @@ def _usable_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # glibc's M_*
+# glibc's M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_ARENA_MAX": -8}
 _tuned: set[str] = set()
 
 
 def tune_allocator() -> bool:
     """Give this process the allocator settings the local cluster gives its workers
     (``filterdb_dask.local-cluster.pre-spawn-environ``: ``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_``), through glibc's ``mallopt``, for work computed here
-    (dask's threaded scheduler). Without them every chunk-sized buffer is a fresh
-    ``mmap``, page-faulted and zeroed when first written: a third of the converter's
-    CPU time. The settings last for the process (freed heap up to the trim threshold
-    is kept for reuse); values set in the environment at start-up win; no-op where
-    glibc's ``mallopt`` is absent. Returns whether anything was set."""
+    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``), through glibc's ``mallopt``,
+    for work computed here (dask's threaded scheduler). Without them every
+    chunk-sized buffer is a fresh ``mmap``, page-faulted and zeroed when first
+    written: a third of the converter's CPU time. The arena limit matters because
+    tasks run in pool threads: a thread's own arena grows in heaps of at most 64 MiB,
+    so two chunk buffers do not fit one and each is a fresh heap, mapped and faulted
+    again, whatever the thresholds. Call it before the pool's threads first allocate
+    (threads already attached to an arena keep it). The settings last for the process
+    (freed heap up to the trim threshold is kept for reuse); values set in the
+    environment at start-up win; no-op where glibc's ``mallopt`` is absent. Returns
+    whether anything was set."""
     import ctypes
 
     wanted = dict(config.get("local-cluster.pre-spawn-environ") or {})

@@ -23,6 +23,7 @@ def test_defaults_live_in_the_package_yaml():
     assert config.get("scheduler.convert") == "threads"
     env = config.get("local-cluster.pre-spawn-environ")
     assert env["MALLOC_TRIM_THRESHOLD_"] >= 1 << 30 and env["MALLOC_MMAP_THRESHOLD_"] >= 1 << 30
+    assert env["MALLOC_ARENA_MAX"] == 1
 
 
 def test_overriding_a_default_through_dask_config(synth_store):
