@@ -110,9 +110,7 @@ class Execution:
         """
         rep = progress.Reporter(label, verbosity=self.verbosity)
         if self.client is not None:
-            futures = self.client.compute(list(collections))
-            progress.follow(futures, rep)
-            results = tuple(self.client.gather(futures))
+            results = self._distributed_compute(collections, rep)
         else:
             kwargs = {}
             if self.scheduler is not None:
@@ -124,12 +122,72 @@ class Execution:
         rep.finish()
         return results
 
+    def _distributed_compute(self, collections, rep) -> tuple:
+        """Compute on the client's cluster. When every collection is a dask array, they
+        are persisted together (one graph: a task shared by two of them runs once) and
+        each array's blocks are gathered to this process and joined here: the client's
+        ``compute`` would join a many-block array in a task on one worker first, moving
+        its blocks between workers and then, joined, to this process."""
+        from dask.array import Array
+        from dask.core import flatten
+        from distributed import futures_of
+
+        client = self.client
+        if not collections or not all(isinstance(c, Array) for c in collections):
+            futures = client.compute(list(collections))
+            progress.follow(futures, rep)
+            return tuple(client.gather(futures))
+        held = client.persist(list(collections))
+        progress.follow(futures_of(held), rep)
+        results = []
+        for arr in held:
+            by_key = {f.key: f for f in futures_of(arr)}
+            keys = arr.__dask_keys__()
+            blocks = iter(client.gather([by_key[k] for k in flatten(keys)]))
+            finalize, args = arr.__dask_postcompute__()
+            results.append(finalize(_nest(keys, blocks), *args))
+        del held
+        return tuple(results)
+
+
+def _nest(keys, values):
+    """``keys`` (nested lists, as ``__dask_keys__``) with each key replaced by the next
+    of ``values``."""
+    return [_nest(k, values) for k in keys] if isinstance(keys, list) else next(values)
+
 
 def ensure(execution: Execution | None, verbosity: int | None = None) -> Execution:
-    """``execution``, or dask's ambient scheduler for library calls made without one."""
+    """``execution``, or dask's ambient scheduler for library calls made without one:
+    a distributed client that dask would compute on (``Client(...)`` made current, as
+    in a notebook) is used as such (:meth:`Execution.compute` gathers results
+    straight from the workers)."""
     if execution is not None:
         return execution
-    return Execution("dask default scheduler", verbosity=1 if verbosity is None else verbosity)
+    verbosity = 1 if verbosity is None else verbosity
+    client = _current_client()
+    if client is not None:
+        return Execution("dask default scheduler (distributed)", client=client,
+                         verbosity=verbosity)
+    return Execution("dask default scheduler", verbosity=verbosity)
+
+
+def _current_client():
+    """The distributed client dask's current scheduler belongs to, or None."""
+    import sys
+
+    if "distributed" not in sys.modules:  # no client without it
+        return None
+    from dask.base import get_scheduler
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:  # none
+        return None
+    get = get_scheduler()
+    if getattr(get, "__self__", None) is client and client.status == "running":
+        return client
+    return None
 
 
 def _threaded(scheduler: str | None, collections) -> bool:
@@ -615,6 +673,8 @@ def execution(opts: ExecutionOptions | None = None, *, command: str = "analyze",
         if client.dashboard_link and (kind not in started_here
                                       or _dashboard_wanted(opts, started_here[kind])):
             _say(f"dask dashboard: {client.dashboard_link}", verbosity)
+        # results land here: large ones (per-layer histograms, tens of MB) reuse the heap
+        tune_allocator()
         with client.as_current():
             yield Execution(what, client=client, verbosity=verbosity)
     finally:

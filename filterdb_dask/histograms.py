@@ -161,6 +161,7 @@ def layer_histograms(
         outputs=[((n_layers, d, bins), np.uint32),
                  ((n_groups, d, len(fedges) - 1), np.int64)],
         name="layer-histograms",
+        chunk_rows=[len(b) for b in bounds],
         common_args=(pca.mean, pca.components, edges, n_groups, fedges, engine),
     )
     return hist, fine
@@ -241,6 +242,7 @@ def basis_histograms(
                  ((2,), np.float64),
                  ((nd, nd), np.int64)],
         name="basis-histograms",
+        chunk_rows=[len(b) for b in bounds],
         common_args=(pca.mean, pca.components, edges, n_groups, fedges, dedges, engine),
     )
     return hist, fine, rng, dens

@@ -77,3 +77,64 @@ def test_kernels_run_together_equal_each_alone():
     assert i.ravel().tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="one argument set per chunk"):
         map_together(xd, [m1, ChunkMap(sums, [()] * 2, m1.outputs, "bad", (1.0,))])
+
+
+@pytest.mark.parametrize("split_every", [2, 8])
+def test_concat_outputs_with_chunk_rows_skip_the_tree(split_every):
+    sizes = (3, 1, 4, 1, 5, 9, 2, 6)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(sum(sizes), 9))
+    xd = da.from_array(x, chunks=(sizes, 9))
+    args = [(float(i),) for i in range(len(sizes))]
+    outputs = [((len(x),), np.float64), ((1, 1), np.int64), ((2,), np.float64)]
+    kw = dict(reducers=[concat, total, span], outputs=outputs, name="t",
+              common_args=(2.0,), split_every=split_every)
+    tree = map_reduce_chunks(_task, xd, args, **kw)
+    blocks = map_reduce_chunks(_task, xd, args, chunk_rows=sizes, **kw)
+    assert blocks[0].chunks == (sizes,) and blocks[0].npartitions == len(sizes)
+    assert blocks[1].npartitions == blocks[2].npartitions == 1
+    with dask.config.set(scheduler="sync"):
+        want = dask.compute(*tree)
+        got = dask.compute(*blocks)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        map_reduce_chunks(_task, xd, args, chunk_rows=sizes[:-1], **kw)
+    with pytest.raises(ValueError, match="sum to"):
+        map_reduce_chunks(_task, xd, args, chunk_rows=(1,) * len(sizes), **kw)
+
+
+def _counted(x, i):
+    return _task(x, float(i), 1.0)
+
+
+def test_distributed_compute_gathers_blocks_and_runs_a_shared_task_once():
+    """Execution.compute on a client: a many-block output (joined in this process) and a
+    tree-reduced one from the same chunk tasks, each chunk task run once, the values
+    those of the synchronous scheduler; also as the ambient scheduler of a library call
+    (``ensure``)."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from filterdb_dask.cluster import Execution, ensure
+
+    sizes = (4, 2, 7, 3, 5)
+    x = np.random.default_rng(9).normal(size=(sum(sizes), 9))
+    xd = da.from_array(x, chunks=(sizes, 9))
+    rows, count, rng_ = map_reduce_chunks(
+        _counted, xd, [(i,) for i in range(len(sizes))], reducers=[concat, total, span],
+        outputs=[((len(x),), np.float64), ((1, 1), np.int64), ((2,), np.float64)],
+        name="c", split_every=2, chunk_rows=sizes)
+    want = dask.compute(rows, count, rng_, scheduler="sync")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        for ex in (Execution("test", client=client, verbosity=0), ensure(None, 0)):
+            assert ex.client is client
+            with get_task_stream(client) as ts:
+                got = ex.compute(rows, count, rng_)
+            ran = [t["key"] for t in ts.data if str(t["key"][0]).startswith("c-raw-")]
+            assert sorted(k[1] for k in ran) == list(range(len(sizes)))  # each chunk once
+            for a, b in zip(want, got, strict=True):
+                assert isinstance(b, np.ndarray)
+                np.testing.assert_array_equal(a, b)
+        with dask.config.set(scheduler="sync"):  # a client, but not dask's scheduler
+            assert ensure(None, 0).client is None
