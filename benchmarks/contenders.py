@@ -76,31 +76,35 @@ def read_floor_threads(ctx):
     return {"sum": float(_read_sum(ctx["store"]).compute(scheduler="threads")[0])}
 
 
+def _compute(*collections):
+    """Computed as :func:`filterdb_dask.analysis.analyze` computes a pass (its
+    :func:`filterdb_dask.cluster.ensure`: on the benchmark's cluster, results gathered
+    block by block)."""
+    from filterdb_dask.cluster import ensure
+
+    return ensure(None, 0).compute(*collections)
+
+
 def fdb_pass1(ctx):
     from filterdb_dask.pca import layer_stats, pca_from_stats
 
-    stats = ctx["store"].to_meta_order(layer_stats(ctx["store"]).compute())
-    return {"pca": pca_from_stats(stats)}
+    (stats,) = _compute(layer_stats(ctx["store"]))
+    return {"pca": pca_from_stats(ctx["store"].to_meta_order(stats))}
 
 
 def fdb_pass2(ctx):
-    import dask
-
     from filterdb_dask.histograms import coef_range_density
 
-    rng, dens = coef_range_density(ctx["store"], ctx["fdb"].pca)
-    rng, dens = dask.compute(rng, dens)
+    rng, dens = _compute(*coef_range_density(ctx["store"], ctx["fdb"].pca))
     return {"coef_range": rng}
 
 
 def fdb_pass3(ctx):
-    import dask
-
     from filterdb_dask.histograms import group_histograms, layer_histograms
 
     res = ctx["fdb"]
-    hist, fine = layer_histograms(ctx["store"], res.pca, res.coef_range, bins=ctx["bins"])
-    hist, _ = dask.compute(hist, fine)
+    hist, _ = _compute(*layer_histograms(ctx["store"], res.pca, res.coef_range,
+                                         bins=ctx["bins"]))
     g = ctx["grouping"]
     return {"group_hist": group_histograms(ctx["store"].to_meta_order(hist), g.codes,
                                            g.n_groups)}
