@@ -138,15 +138,17 @@ class Execution:
             progress.follow(futures, rep)
             return tuple(client.gather(futures))
         held = client.persist(list(collections))
-        progress.follow(futures_of(held), rep)
+        futures = futures_of(held)
+        progress.follow(futures, rep)
+        by_key = {f.key: f for f in futures}
+        nested = [arr.__dask_keys__() for arr in held]
+        # every block of every output in one gather (one request per worker)
+        blocks = iter(client.gather([by_key[k] for keys in nested for k in flatten(keys)]))
         results = []
-        for arr in held:
-            by_key = {f.key: f for f in futures_of(arr)}
-            keys = arr.__dask_keys__()
-            blocks = iter(client.gather([by_key[k] for k in flatten(keys)]))
+        for arr, keys in zip(held, nested, strict=True):
             finalize, args = arr.__dask_postcompute__()
             results.append(finalize(_nest(keys, blocks), *args))
-        del held
+        del held, futures, by_key
         return tuple(results)
 
 
