@@ -175,8 +175,6 @@ def ensure(execution: Execution | None, verbosity: int | None = None) -> Executi
 
 def _current_client():
     """The distributed client dask's current scheduler belongs to, or None."""
-    import sys
-
     if "distributed" not in sys.modules:  # no client without it
         return None
     from dask.base import get_scheduler
