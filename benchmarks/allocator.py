@@ -84,7 +84,10 @@ def _fresh_run(path: str, scheduler: str, env: dict, rounds: int) -> list[dict]:
     res = subprocess.run([sys.executable, "-m", "benchmarks.allocator", "--child", path,
                           "--child-env", json.dumps(env), "--rounds", str(rounds),
                           "--scheduler", scheduler],
-                         env=child_env, capture_output=True, text=True, check=True)
+                         env=child_env, capture_output=True, text=True)
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"benchmarks.allocator: a run failed (exit {res.returncode}): {last}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

@@ -152,7 +152,8 @@ def layer_histograms(
     edges, fedges, bounds, per_chunk = _pass3_inputs(store, coef_range, bins, fine_bins,
                                                      layer_groups)
     d = store.filters.shape[1]
-    n_layers = sum(len(b) for b in bounds)
+    rows = [len(b) for b in bounds]  # each chunk's layers: its block of per-layer rows
+    n_layers = sum(rows)
     hist, fine = map_reduce_chunks(
         _histogram_task,
         store.filters,
@@ -161,7 +162,7 @@ def layer_histograms(
         outputs=[((n_layers, d, bins), np.uint32),
                  ((n_groups, d, len(fedges) - 1), np.int64)],
         name="layer-histograms",
-        chunk_rows=[len(b) for b in bounds],
+        chunk_rows=rows,
         common_args=(pca.mean, pca.components, edges, n_groups, fedges, engine),
     )
     return hist, fine
@@ -231,7 +232,8 @@ def basis_histograms(
     dedges = density_edges()
     nd = len(dedges) - 1
     ncomp = np.asarray(pca.components).shape[0]
-    n_layers = sum(len(b) for b in bounds)
+    rows = [len(b) for b in bounds]  # each chunk's layers: its block of per-layer rows
+    n_layers = sum(rows)
     hist, fine, rng, dens = map_reduce_chunks(
         _histogram_density_task,
         store.filters,
@@ -242,7 +244,7 @@ def basis_histograms(
                  ((2,), np.float64),
                  ((nd, nd), np.int64)],
         name="basis-histograms",
-        chunk_rows=[len(b) for b in bounds],
+        chunk_rows=rows,
         common_args=(pca.mean, pca.components, edges, n_groups, fedges, dedges, engine),
     )
     return hist, fine, rng, dens
