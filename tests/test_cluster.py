@@ -338,6 +338,7 @@ def test_worker_saturation_is_checked():
     from filterdb_dask.cluster import _saturation
 
     assert _saturation(2) == 2.0 and _saturation("inf") == float("inf")
+    assert _saturation(".inf") == _saturation("+.inf") == float("inf")  # YAML, via env
     assert _saturation(None) == dask.config.get("distributed.scheduler.worker-saturation")
     for bad in (0, -1, "many", float("nan")):
         with pytest.raises(UsageError, match="worker-saturation"):

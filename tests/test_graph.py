@@ -138,3 +138,69 @@ def test_distributed_compute_gathers_blocks_and_runs_a_shared_task_once():
                 np.testing.assert_array_equal(a, b)
         with dask.config.set(scheduler="sync"):  # a client, but not dask's scheduler
             assert ensure(None, 0).client is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunk_workers_gives_each_worker_its_share_in_runs(seed):
+    """Chunks go to workers in runs of consecutive chunks (worker order), and each
+    worker's rows differ from its share (rows x its threads / all threads) by at most
+    the largest chunk, on chunks as uneven as a store's (one layer can fill a chunk)."""
+    from filterdb_dask.cluster import chunk_workers
+
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(1, 1_000_000, size=int(rng.integers(2, 300)))
+    rows[rng.integers(len(rows))] = 5_000_000
+    n_workers = int(rng.integers(2, 6))
+    threads = {f"w{j}": int(t) for j, t in enumerate(rng.integers(1, 4, size=n_workers))}
+    got = chunk_workers(rows, threads)
+    names = list(threads)
+    order = [names.index(w) for w in got]
+    assert order == sorted(order)  # runs of consecutive chunks, in worker order
+    total, all_threads = rows.sum(), sum(threads.values())
+    for w, t in threads.items():
+        mine = sum(int(r) for r, g in zip(rows, got, strict=True) if g == w)
+        assert abs(mine - total * t / all_threads) <= rows.max()
+    assert chunk_workers(rows, threads) == got  # deterministic
+    assert chunk_workers([10] * 8, {"a": 1, "b": 1}) == ["a"] * 4 + ["b"] * 4
+    assert chunk_workers([5, 1, 1, 1, 1, 1], {"a": 1, "b": 1}) == ["a"] + ["b"] * 5
+    assert chunk_workers([1] * 9, {"a": 1, "b": 2}) == ["a"] * 3 + ["b"] * 6
+
+
+def test_compute_with_chunk_rows_places_each_chunk_task_on_its_worker():
+    """Execution.compute(chunk_rows=...) on a cluster: every chunk task of a store-like
+    graph (reads nested in the chunk tasks) runs on the worker chunk_workers names,
+    the tree and the blocks follow, and the values are the synchronous scheduler's;
+    the graph of the arrays handed in is left unannotated."""
+    from dask.array import Array
+    from dask.highlevelgraph import HighLevelGraph
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from filterdb_dask.cluster import Execution, chunk_workers
+
+    sizes = (12, 1, 1, 1, 1, 1, 1, 1, 1, 2)
+    name = "fake-store-filters"
+    dsk = {(name, i, 0): (np.full, (n, 9), float(i)) for i, n in enumerate(sizes)}
+    xd = Array(HighLevelGraph.from_collections(name, dsk), name, chunks=(sizes, (9,)),
+               dtype=np.float64)
+    outs = map_reduce_chunks(
+        _counted, xd, [(i,) for i in range(len(sizes))], reducers=[concat, total, span],
+        outputs=[((sum(sizes),), np.float64), ((1, 1), np.int64), ((2,), np.float64)],
+        name="p", split_every=3, chunk_rows=sizes)
+    want = dask.compute(*outs, scheduler="sync")
+    with dask.config.set({"distributed.scheduler.work-stealing": False}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                         dashboard_address=None) as cluster, Client(cluster) as client:
+        nthreads = {a: w["nthreads"] for a, w in
+                    sorted(client.scheduler_info(n_workers=-1)["workers"].items())}
+        where = chunk_workers(sizes, nthreads)
+        assert len(set(where)) == 2 and where[0] != where[1]  # the big chunk alone
+        with get_task_stream(client) as ts:
+            got = Execution("test", client=client, verbosity=0).compute(
+                *outs, chunk_rows=sizes)
+        ran = {t["key"][1]: t["worker"] for t in ts.data
+               if str(t["key"][0]).startswith("p-raw-")}
+        assert ran == dict(enumerate(where))
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for layer in outs[0].__dask_graph__().layers.values():
+        assert not layer.annotations
