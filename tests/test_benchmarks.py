@@ -84,3 +84,41 @@ def test_peers_run_with_dasks_own_queueing():
             assert client.run_on_scheduler(sat) == dask.config.get(
                 "distributed.scheduler.worker-saturation") != float("inf")
         assert client.run_on_scheduler(sat) == float("inf")
+
+
+def test_pass_breakdown_counts_each_workers_rows_and_waits():
+    """benchmarks.passes: the chunk tasks are the one-per-chunk group with the most
+    compute time (not the small per-chunk picks), and each worker's rows, busy
+    seconds, wait before, between and after its tasks follow the task stream."""
+    from benchmarks.passes import pass_breakdown
+
+    def rec(key, worker, start, stop):
+        return {"key": key, "worker": worker,
+                "startstops": [{"action": "transfer", "start": start - 0.5, "stop": start},
+                               {"action": "compute", "start": start, "stop": stop}]}
+
+    stream = [rec(("raw", 0), "a", 10.1, 11.0), rec(("pick", 0), "a", 11.0, 11.01),
+              rec(("raw", 1), "a", 11.2, 11.5), rec(("pick", 1), "a", 11.6, 11.61),
+              rec(("raw", 2), "b", 10.2, 12.0), rec(("pick", 2), "b", 12.0, 12.01),
+              rec(("tree", 0, 0), "b", 12.1, 12.2)]
+    got = pass_breakdown(stream, 10.0, 12.5, rows=[5, 3, 8])
+    assert got["wall_s"] == 2.5
+    a, b = got["workers"]["a"], got["workers"]["b"]
+    assert (a["rows"], a["chunk_tasks"], a["tasks"]) == (8, 2, 4)
+    assert (b["rows"], b["chunk_tasks"], b["tasks"]) == (8, 1, 3)
+    assert a["busy_s"] == pytest.approx(0.9 + 0.01 + 0.3 + 0.01)
+    assert a["before_first_s"] == pytest.approx(0.1) and b["before_first_s"] == pytest.approx(0.2)
+    assert a["between_s"] == pytest.approx(0.19 + 0.1) and b["between_s"] == pytest.approx(0.09)
+    assert a["after_last_s"] == pytest.approx(0.89) and b["after_last_s"] == pytest.approx(0.3)
+
+
+def test_passes_benchmark_runs_on_a_small_store(tmp_path, capsys):
+    from benchmarks.passes import main as passes_main
+
+    assert passes_main(["--filters", "150k", "--dir", str(tmp_path), "--rounds", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    (analysis,) = rep["analyses"]
+    assert rep["filters"] == 150_000 and len(analysis["passes"]) == 3
+    for p in analysis["passes"].values():  # every filter read once per pass, by someone
+        assert sum(w["rows"] for w in p["workers"].values()) == 150_000
+        assert p["wall_s"] <= analysis["wall_s"]
