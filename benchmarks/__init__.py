@@ -27,6 +27,18 @@ def cached_synth(directory: str, n: int) -> str:
     return h5
 
 
+def cached_store(directory: str, n: int) -> str:
+    """The store ``directory/synth-N.zarr`` of :func:`cached_synth`'s data set, converted
+    once (default codec and chunks) and reused."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"synth-{n}.zarr")
+    if not os.path.exists(path):
+        from filterdb_dask.convert.write import convert
+
+        convert(cached_synth(directory, n), path, verbosity=0)
+    return path
+
+
 def time_variants(variants: dict, repeat: int) -> dict:
     """Wall and CPU seconds of each variant (name -> zero-argument builder of dask
     collections), computed on the synchronous scheduler after one warm-up of all

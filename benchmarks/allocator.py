@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import cached_synth, parse_count
+from benchmarks import cached_store, parse_count
 
 
 def _rusage():
@@ -111,12 +111,7 @@ def main(argv=None) -> int:
         print(json.dumps(run(args.child, json.loads(args.child_env), args.rounds)))
         return 0
     n = parse_count(args.filters)
-    os.makedirs(args.dir, exist_ok=True)
-    path = os.path.join(args.dir, f"synth-{n}.zarr")
-    if not os.path.exists(path):
-        from filterdb_dask.convert.write import convert
-
-        convert(cached_synth(args.dir, n), path, verbosity=0)
+    path = cached_store(args.dir, n)
     full = dict(config.get("local-cluster.pre-spawn-environ") or {})
     if args.without not in full:
         p.error(f"{args.without} is not in local-cluster.pre-spawn-environ ({sorted(full)})")

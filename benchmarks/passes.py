@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-from benchmarks import cached_synth, parse_count
+from benchmarks import cached_store, parse_count
 
 
 def _chunk_group(events: list[dict], n: int) -> str | None:
@@ -33,8 +32,8 @@ def _chunk_group(events: list[dict], n: int) -> str | None:
     for e in events:
         k = e["key"]
         if isinstance(k, tuple) and len(k) >= 2 and isinstance(k[1], int):
-            groups.setdefault(str(k[0]), {})[k[1]] = (
-                groups.get(str(k[0]), {}).get(k[1], 0.0) + e["compute_s"])
+            times = groups.setdefault(str(k[0]), {})
+            times[k[1]] = times.get(k[1], 0.0) + e["compute_s"]
     full = {g: sum(v.values()) for g, v in groups.items() if sorted(v) == list(range(n))}
     return max(full, key=full.get) if full else None
 
@@ -121,13 +120,7 @@ def main(argv=None) -> int:
         n = parse_count(args.filters)
     except ValueError as exc:
         p.error(str(exc))
-    os.makedirs(args.dir, exist_ok=True)
-    path = os.path.join(args.dir, f"synth-{n}.zarr")
-    if not os.path.exists(path):
-        from filterdb_dask.convert.write import convert
-
-        convert(cached_synth(args.dir, n), path, verbosity=0)
-    analyses = _run(path, args.rounds)
+    analyses = _run(cached_store(args.dir, n), args.rounds)
     print(json.dumps({
         "filters": n,
         "median_wall_s": statistics.median(a["wall_s"] for a in analyses),

@@ -96,23 +96,13 @@ def map_together(filters: Array, maps: Sequence[ChunkMap]) -> list[list[Array]]:
         per_chunk = [(_Calls((m.func, (*m.per_chunk_args[i], *m.common_args)) for m in maps),)
                      for i in range(n)]
         dsk, sources = _chunk_tasks(_run_together, filters, per_chunk, (), raw)
-    if sum(len(m.outputs) for m in maps) == 1:
-        # the task's only output is the block itself: no getitem task per chunk (each
-        # small task costs a worker a scheduling round trip; pass 1 of 20 M filters
-        # ran 26 of them per worker)
-        ((first, rest, dtype),) = maps[0].outputs
-        out_name = f"{maps[0].name}-0-{token}"
-        zeros = (0,) * len(rest)
-        graph = HighLevelGraph(
-            {out_name: {(out_name, i, *zeros): (getitem, dsk[(raw, i)], 0) for i in range(n)}},
-            {out_name: set() if sources is not None else {filters.name}},
-        )
-        if sources is None:
-            graph = HighLevelGraph.merge(graph, filters.dask)
-        return [[Array(graph, out_name, chunks=(tuple(first), *((r,) for r in rest)),
-                       dtype=dtype)]]
-    layers = {raw: dsk}
-    deps = {raw: set() if sources is not None else {filters.name}}
+    # one output in all: the block is made inside the chunk task, no getitem task per
+    # chunk (each small task costs a worker a scheduling round trip; pass 1 of 20 M
+    # filters ran 26 of them per worker)
+    inline = sum(len(m.outputs) for m in maps) == 1
+    reads = set() if sources is not None else {filters.name}
+    layers = {} if inline else {raw: dsk}
+    deps = {} if inline else {raw: reads}
     specs = []
     j = 0
     for m in maps:
@@ -121,9 +111,10 @@ def map_together(filters: Array, maps: Sequence[ChunkMap]) -> list[list[Array]]:
             out_name = f"{m.name}-{k}-{token}"
             zeros = (0,) * len(rest)
             layers[out_name] = {
-                (out_name, i, *zeros): (getitem, (raw, i), j) for i in range(n)
+                (out_name, i, *zeros): (getitem, dsk[(raw, i)] if inline else (raw, i), j)
+                for i in range(n)
             }
-            deps[out_name] = {raw}
+            deps[out_name] = reads if inline else {raw}
             arrays.append((out_name, (tuple(first), *((r,) for r in rest)), dtype))
             j += 1
         specs.append(arrays)

@@ -280,8 +280,8 @@ def analyze(
     pass1 = [outs[0] for outs in map_together(store.filters, maps)]
     ortho_lazy = pass1[-1] if ortho_map is not None else None
     label = "pass 1/3 moments+quality" if ref is None else "pass 1/2 moments+quality"
-    rows = np.diff(store.plan, axis=1)[:, 0]  # each chunk's filters
-    stats_sorted, *rest = ex.compute(*pass1, label=label, chunk_rows=rows)
+    sizes = store.chunk_filters
+    stats_sorted, *rest = ex.compute(*pass1, label=label, chunk_filters=sizes)
     stats = store.to_meta_order(stats_sorted)
     sweep = store.to_meta_order(rest.pop(0)) if sparsity_eps else None
     ortho = store.to_meta_order(rest.pop(0)) if ortho_lazy is not None else None
@@ -297,7 +297,7 @@ def analyze(
         # pass 2
         rng_lazy, dens_lazy = coef_range_density(store, pca, engine=engine)
         coef_range, density = ex.compute(rng_lazy, dens_lazy, label="pass 2/3 range+density",
-                                          chunk_rows=rows)
+                                          chunk_filters=sizes)
 
     # pass 3
     ridge = [g for g in groupings if g.n_groups <= MAX_RIDGE_GROUPS]
@@ -311,12 +311,12 @@ def analyze(
             fine_bins=fine_bins, engine=engine,
         )
         hist_sorted, fine = ex.compute(hist_lazy, fine_lazy, label="pass 3/3 histograms",
-                                       chunk_rows=rows)
+                                       chunk_filters=sizes)
     else:  # the 2-D density of pass 2 comes from the same read, in the basis
         hist_sorted, fine, observed_range, density = ex.compute(*basis_histograms(
             store, pca, coef_range, bins=bins, layer_groups=lg, n_groups=int(offsets[-1]),
             fine_bins=fine_bins, engine=engine,
-        ), label="pass 2/2 histograms+density (basis)", chunk_rows=rows)
+        ), label="pass 2/2 histograms+density (basis)", chunk_filters=sizes)
     layer_hist = store.to_meta_order(hist_sorted)
     edges, fine_edges = bin_edges(coef_range, bins=bins, fine_bins=fine_bins)
     group_hist = {g.slug: group_histograms(layer_hist, g.codes, g.n_groups) for g in groupings}

@@ -103,23 +103,24 @@ class Execution:
     verbosity: int = 1
 
     def compute(self, *collections, label: str = "computing", io_bound: bool = False,
-                chunk_rows=None):
+                chunk_filters=None):
         """``dask.compute(*collections)`` here, with progress on stderr; a tuple.
 
         ``io_bound=True`` runs twice as many threads as cores on the threaded
         scheduler, named or dask's default (so reads overlap with compression; no
         effect elsewhere).
 
-        ``chunk_rows``: the rows of each chunk of the store the collections read, in
-        chunk order. On a distributed cluster each chunk's task is then placed by
+        ``chunk_filters``: the filters (rows) of each chunk of the store the
+        collections read, in chunk order (``FilterStore.chunk_filters``). On a
+        distributed cluster each chunk's task is then placed by
         :func:`balance_chunks` (the same rows on every worker, per thread) rather
         than by Dask, which hands root tasks out in runs of consecutive chunks,
         blind to their sizes; no effect elsewhere.
         """
         rep = progress.Reporter(label, verbosity=self.verbosity)
         if self.client is not None:
-            placed = (collections if chunk_rows is None
-                      else balance_chunks(collections, chunk_rows, self.client))
+            placed = (collections if chunk_filters is None
+                      else balance_chunks(collections, chunk_filters, self.client))
             # Dask's array optimisation would materialise the graph into a dict and
             # drop the placement annotations; the passes' graphs are built whole
             # (one task per chunk, nothing to cull or fuse) and lose nothing
@@ -141,7 +142,8 @@ class Execution:
         are persisted together (one graph: a task shared by two of them runs once) and
         each array's blocks are gathered to this process and joined here: the client's
         ``compute`` would join a many-block array in a task on one worker first, moving
-        its blocks between workers and then, joined, to this process."""
+        its blocks between workers and then, joined, to this process.
+        ``optimize_graph``: Dask's own, passed on."""
         from dask.array import Array
         from dask.core import flatten
         from distributed import futures_of
@@ -230,6 +232,7 @@ def balance_chunks(collections: tuple, rows, client) -> tuple:
         return collections
     where = chunk_workers(rows, nthreads)
     out = []
+    placed = False
     for c in collections:
         if not isinstance(c, Array):
             out.append(c)
@@ -256,7 +259,7 @@ def balance_chunks(collections: tuple, rows, client) -> tuple:
             continue
         graph = HighLevelGraph(layers, dict(hlg.dependencies))
         out.append(Array(graph, c.name, chunks=c.chunks, meta=c._meta))
-    placed = any(a is not b for a, b in zip(out, collections, strict=True))
+        placed = True
     return tuple(out) if placed else collections
 
 

@@ -398,7 +398,7 @@ def store_info(path: str, storage_options: dict | None = None) -> dict:
 
     st = open_store(path, storage_options)
     size = st.location.size()
-    sizes = np.diff(st.plan, axis=1).ravel()
+    sizes = st.chunk_filters
     groups = {}
     for by in default_by():
         try:

@@ -64,6 +64,11 @@ class FilterStore:
     def n_chunks(self) -> int:
         return len(self.plan)
 
+    @property
+    def chunk_filters(self) -> np.ndarray:
+        """Each chunk's number of filters (rows), in chunk order."""
+        return np.diff(self.plan, axis=1).ravel()
+
     def _layer_order(self) -> np.ndarray:
         # meta rows sorted by (chunk, start): the order chunk tasks produce layer rows in
         return np.lexsort((self.meta["start"].to_numpy(), self.meta["chunk"].to_numpy()))

@@ -180,7 +180,7 @@ def test_chunk_workers_cuts_by_rows_then_evens_the_cut():
 
 
 def test_compute_with_chunk_rows_places_each_chunk_task_on_its_worker():
-    """Execution.compute(chunk_rows=...) on a cluster: every chunk task of a store-like
+    """Execution.compute(chunk_filters=...) on a cluster: every chunk task of a store-like
     graph (reads nested in the chunk tasks) runs on the worker chunk_workers names,
     the tree and the blocks follow, and the values are the synchronous scheduler's;
     the graph of the arrays handed in is left unannotated."""
@@ -209,7 +209,7 @@ def test_compute_with_chunk_rows_places_each_chunk_task_on_its_worker():
         assert len(set(where)) == 2 and where[0] != where[1]  # the big chunk alone
         with get_task_stream(client) as ts:
             got = Execution("test", client=client, verbosity=0).compute(
-                *outs, chunk_rows=sizes)
+                *outs, chunk_filters=sizes)
         ran = {t["key"][1]: t["worker"] for t in ts.data
                if str(t["key"][0]).startswith("p-raw-")}
         assert ran == dict(enumerate(where))
