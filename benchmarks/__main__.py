@@ -356,17 +356,24 @@ def main(argv=None) -> int:
     # the project's default local cluster (TLS on loopback, the workers' allocator
     # settings), sized here; the threaded contenders get the same allocator settings
     tune_allocator()
-    with local_cluster(ExecutionOptions(workers=args.workers, threads_per_worker=1,
-                                        memory_limit="4GiB")) as cluster, \
-            Client(cluster) as client:
-        report["runs"] = []
-        for n in sizes:
-            # fresh workers for each size: a worker keeps up to its trim threshold of
-            # freed heap (1 GiB, local-cluster.pre-spawn-environ), so the memory a peer
-            # of the last size used would count as this size's peak
-            client.restart()
+
+    def cluster():
+        return local_cluster(ExecutionOptions(workers=args.workers, threads_per_worker=1,
+                                              memory_limit="4GiB"))
+
+    report["runs"] = []
+    for n in sizes:
+        # a fresh cluster for each size: a worker keeps up to its trim threshold of freed
+        # heap (1 GiB, local-cluster.pre-spawn-environ), so the memory a peer of the last
+        # size used would count as this size's peak. Not client.restart(): distributed's
+        # SpecCluster closes a nanny whose worker is still missing 15 s
+        # (deploy.lost-worker-timeout) after a removal, and a second restart landing on
+        # that moment loses every worker (seen in CI; reproduced here with two restarts
+        # 14.6-14.9 s apart; dask/distributed#8534, #7312).
+        with cluster() as lc, Client(lc) as client:
             report["runs"].append(run_size(args, n, client))
-        report["scaling"] = []
+    report["scaling"] = []
+    with cluster() as lc, Client(lc):
         for n in [parse_count(s) for s in args.scaling.split(",") if s.strip()]:
             print(f"scaling: {n:,} filters", file=sys.stderr)
             h5n, sn, convn = dataset(args.out, n)
