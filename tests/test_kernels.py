@@ -223,6 +223,27 @@ def test_numba_equals_numpy(n, cuts, seed, f64):
     np.testing.assert_array_equal(d1, d2)
 
 
+@pytest.mark.skipif(not numba_available(), reason="numba not installed")
+@pytest.mark.parametrize("f64", [False, True])
+@pytest.mark.parametrize("n, sparse_at", [
+    (1023, []), (1024, []), (1025, [1024]), (2048 + 300, [0]), (4 * 1024 + 17, [1500]),
+    (4 * 1024 + 17, [3 * 1024 + 5]), (3 * 1024, [700, 2100]), (9000, [8990]),
+])
+def test_numba_equals_numpy_on_long_layers(n, sparse_at, f64):
+    """Layers long enough for the compiled pass 1's runs of four blocks, with the first
+    sparse filter (peak < 1 % of the layer's) before, inside or after such a run."""
+    rng = np.random.default_rng(n + len(sparse_at))
+    x = rng.normal(size=(n + 2 * 300 + 11, 9)).astype(np.float64 if f64 else np.float32)
+    a = 311  # the layer starts off a block boundary of the chunk
+    for r in sparse_at:
+        x[a + r] *= 1e-4
+    b = np.array([[0, 300], [a, a + n], [a + n, len(x)]], dtype=np.int64)
+    s1 = get_kernels("numpy").layer_stats_chunk(x, b)
+    s2 = get_kernels("numba").layer_stats_chunk(x, b)
+    np.testing.assert_array_equal(s1, s2)  # same additions in the same order: same bits
+    assert s2[1, K.STAT_N_CLEAN] == n - len(sparse_at)
+
+
 def _hard_float32_filters(rng, n: int) -> np.ndarray:
     """float32 filters that stress division by the peak: random bit patterns over
     every exponent (subnormals included), values a few ulp from their peak, signed
