@@ -247,6 +247,17 @@ def _abs_max(x, a, b, lw, M):
 
 
 @njit(**_OPTS)
+def _pair_group(PJ, PM, p):
+    """The products one row loop of the lane sums handles from pair ``p`` on: (j, k)
+    and, when pair p + 1 shares its first value j (``two``), (j, k2) as well."""
+    j = PJ[p]
+    k = PM[p]
+    two = p + 1 < PJ.shape[0] and PJ[p + 1] == j
+    k2 = PM[p + 1] if two else k
+    return j, k, k2, two
+
+
+@njit(**_OPTS)
 def _lane_add_sums_products(D, m, PJ, PM, LS, LP):
     """LS[j, r] += D[j, r] and LP[p, r] += D[PJ[p], r] * D[PM[p], r] for r < m: the
     D sums and the D(D+1)/2 cross products, one lane per row of the block.
@@ -260,10 +271,7 @@ def _lane_add_sums_products(D, m, PJ, PM, LS, LP):
     npair = PJ.shape[0]
     p = 0
     while p < npair:
-        j = PJ[p]
-        k = PM[p]
-        two = p + 1 < npair and PJ[p + 1] == j
-        k2 = PM[p + 1] if two else k
+        j, k, k2, two = _pair_group(PJ, PM, p)
         if two and k == j:
             for r in range(m):
                 dj = D[j, r]
@@ -303,10 +311,7 @@ def _lane_add4(D4, PJ, PM, LS, LP):
     D3 = D4[3]
     p = 0
     while p < npair:
-        j = PJ[p]
-        k = PM[p]
-        two = p + 1 < npair and PJ[p + 1] == j
-        k2 = PM[p + 1] if two else k
+        j, k, k2, two = _pair_group(PJ, PM, p)
         if two and k == j:
             for r in range(m):
                 a0 = D0[j, r]
