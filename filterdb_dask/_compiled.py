@@ -295,6 +295,12 @@ def _lane_add_sums_products(D, m, PJ, PM, LS, LP):
 
 
 @njit(**_OPTS)
+def _add4(acc, a0, a1, a2, a3, D0, D1, D2, D3, k, r):
+    """``acc`` plus ``a_b * D_b[k, r]`` for the blocks b = 0..3, in block order."""
+    return (((acc + a0 * D0[k, r]) + a1 * D1[k, r]) + a2 * D2[k, r]) + a3 * D3[k, r]
+
+
+@njit(**_OPTS)
 def _lane_add4(D4, PJ, PM, LS, LP):
     """:func:`_lane_add_sums_products` of four full blocks ``D4[0..3]`` (each (D,
     LANES)), added to every lane in block order: the same additions, the same bits.
@@ -312,40 +318,27 @@ def _lane_add4(D4, PJ, PM, LS, LP):
     p = 0
     while p < npair:
         j, k, k2, two = _pair_group(PJ, PM, p)
+        # one loop per case, so that each row loop is straight-line code (vectorised)
         if two and k == j:
             for r in range(m):
-                a0 = D0[j, r]
-                a1 = D1[j, r]
-                a2 = D2[j, r]
-                a3 = D3[j, r]
+                a0, a1, a2, a3 = D0[j, r], D1[j, r], D2[j, r], D3[j, r]
                 LS[j, r] = (((LS[j, r] + a0) + a1) + a2) + a3
-                LP[p, r] = ((((LP[p, r] + a0 * D0[k, r]) + a1 * D1[k, r]) + a2 * D2[k, r])
-                            + a3 * D3[k, r])
-                LP[p + 1, r] = ((((LP[p + 1, r] + a0 * D0[k2, r]) + a1 * D1[k2, r])
-                                 + a2 * D2[k2, r]) + a3 * D3[k2, r])
+                LP[p, r] = _add4(LP[p, r], a0, a1, a2, a3, D0, D1, D2, D3, k, r)
+                LP[p + 1, r] = _add4(LP[p + 1, r], a0, a1, a2, a3, D0, D1, D2, D3, k2, r)
         elif two:
             for r in range(m):
-                a0 = D0[j, r]
-                a1 = D1[j, r]
-                a2 = D2[j, r]
-                a3 = D3[j, r]
-                LP[p, r] = ((((LP[p, r] + a0 * D0[k, r]) + a1 * D1[k, r]) + a2 * D2[k, r])
-                            + a3 * D3[k, r])
-                LP[p + 1, r] = ((((LP[p + 1, r] + a0 * D0[k2, r]) + a1 * D1[k2, r])
-                                 + a2 * D2[k2, r]) + a3 * D3[k2, r])
+                a0, a1, a2, a3 = D0[j, r], D1[j, r], D2[j, r], D3[j, r]
+                LP[p, r] = _add4(LP[p, r], a0, a1, a2, a3, D0, D1, D2, D3, k, r)
+                LP[p + 1, r] = _add4(LP[p + 1, r], a0, a1, a2, a3, D0, D1, D2, D3, k2, r)
         elif k == j:
             for r in range(m):
-                a0 = D0[j, r]
-                a1 = D1[j, r]
-                a2 = D2[j, r]
-                a3 = D3[j, r]
+                a0, a1, a2, a3 = D0[j, r], D1[j, r], D2[j, r], D3[j, r]
                 LS[j, r] = (((LS[j, r] + a0) + a1) + a2) + a3
-                LP[p, r] = ((((LP[p, r] + a0 * D0[k, r]) + a1 * D1[k, r]) + a2 * D2[k, r])
-                            + a3 * D3[k, r])
+                LP[p, r] = _add4(LP[p, r], a0, a1, a2, a3, D0, D1, D2, D3, k, r)
         else:
             for r in range(m):
-                LP[p, r] = ((((LP[p, r] + D0[j, r] * D0[k, r]) + D1[j, r] * D1[k, r])
-                             + D2[j, r] * D2[k, r]) + D3[j, r] * D3[k, r])
+                a0, a1, a2, a3 = D0[j, r], D1[j, r], D2[j, r], D3[j, r]
+                LP[p, r] = _add4(LP[p, r], a0, a1, a2, a3, D0, D1, D2, D3, k, r)
         p += 2 if two else 1
 
 
