@@ -343,15 +343,31 @@ def _lane_add4(D4, PJ, PM, LS, LP):
 
 
 @njit(**_OPTS)
+def _count_clean(P, m, t):
+    """How many of the m peaks P[:m] are at least t (clean filters)."""
+    cnt = 0
+    for r in range(m):
+        cnt += 1 if P[r] >= t else 0
+    return cnt
+
+
+@njit(**_OPTS)
+def _clean_rows(W, P, m, t, DC):
+    """DC[:, :m] = W[:, :m] where the filter's peak is at least t, else 0 (times 0.0)."""
+    for j in range(W.shape[0]):
+        for r in range(m):
+            c = 1.0 if P[r] >= t else 0.0
+            DC[j, r] = W[j, r] * c
+
+
+@njit(**_OPTS)
 def _block_sums(S, W, DC, P, m, t, same, used, PJ, PM, LS, LP):
     """Add one block of m rows (scaled S, unscaled W, peaks P) to the three sets of
     lane sums (scaled; unscaled; unscaled clean filters, those with a peak >= t).
     While every filter so far is clean (``same``) the clean set is not kept: it is
     copied from the unscaled one (same bits) before the first block with a sparse
     filter adds to it. Returns the block's clean filters and the new ``same``."""
-    cnt = 0
-    for r in range(m):
-        cnt += 1 if P[r] >= t else 0
+    cnt = _count_clean(P, m, t)
     _lane_add_sums_products(S, m, PJ, PM, LS[0], LP[0])
     if same and cnt < m:
         LS[2, :, :used] = LS[1, :, :used]
@@ -359,10 +375,7 @@ def _block_sums(S, W, DC, P, m, t, same, used, PJ, PM, LS, LP):
         same = False
     _lane_add_sums_products(W, m, PJ, PM, LS[1], LP[1])
     if not same:
-        for j in range(W.shape[0]):
-            for r in range(m):
-                c = 1.0 if P[r] >= t else 0.0
-                DC[j, r] = W[j, r] * c
+        _clean_rows(W, P, m, t, DC)
         _lane_add_sums_products(DC, m, PJ, PM, LS[2], LP[2])
     return cnt, same
 
@@ -439,8 +452,7 @@ def _stats_core(x, narrow, bounds, PJ, PM, out, sc_all, sc_clean):
             for q in range(4):
                 _load_shifted(x, r0 + q * BLOCK, BLOCK, W[q], S[q], P[q], R[q], narrow,
                               ks, kw)
-                for r in range(BLOCK):
-                    cnt4 += 1 if P[q, r] >= t else 0
+                cnt4 += _count_clean(P[q], BLOCK, t)
             if same and cnt4 < 4 * BLOCK:  # the first sparse filter: block by block
                 for q in range(4):
                     cnt, same = _block_sums(S[q], W[q], DC[q], P[q], BLOCK, t, same, used,
@@ -450,10 +462,7 @@ def _stats_core(x, narrow, bounds, PJ, PM, out, sc_all, sc_clean):
                 _lane_add4(W, PJ, PM, LS[1], LP[1])
                 if not same:
                     for q in range(4):
-                        for j in range(NF):
-                            for r in range(BLOCK):
-                                c = 1.0 if P[q, r] >= t else 0.0
-                                DC[q, j, r] = W[q, j, r] * c
+                        _clean_rows(W[q], P[q], BLOCK, t, DC[q])
                     _lane_add4(DC, PJ, PM, LS[2], LP[2])
             nclean += cnt4
             r0 += 4 * BLOCK
