@@ -75,7 +75,7 @@ def _run(path: str, rounds: int) -> list[dict]:
     from filterdb_dask.store import open_store
 
     store = open_store(path)
-    rows = [int(b - a) for a, b in store.plan]
+    rows = [int(r) for r in store.chunk_filters]
     out = []
     with fcluster.local_cluster(fcluster.ExecutionOptions()) as cl, Client(cl) as client:
         ex = fcluster.Execution("benchmarks.passes", client=client, verbosity=0)

@@ -126,16 +126,26 @@ def _over_peak(w, p, y):
 
 
 @njit(**_OPTS)
+def _columns(x, r0, n, V):
+    """V[:, :n] = rows r0..r0+n of x (C-contiguous), feature-major, as float64.
+
+    Value-major reads (each value's column in turn, rows inside): 4.9 against 8.0 ns a
+    filter in the row order for 3x3 float32."""
+    nf = x.shape[1]
+    flat = x.reshape(-1)  # C-contiguous: a view
+    for j in range(nf):
+        for r in range(n):
+            V[j, r] = np.float64(flat[(r0 + r) * nf + j])
+
+
+@njit(**_OPTS)
 def _load_shifted(x, r0, n, W, S, P, R, narrow, ks, kw):
     """Filters W[:, :n] - kw (float64, feature-major), peaks P[:n] (R[:n] = 1 / P) and
     scaled filters S[:, :n] - ks of rows r0..r0+n (W and S distinct arrays). Shifting
     in the scaling loop spares a pass over the block; zero shifts give the unshifted
     values, bit for bit."""
     nf = x.shape[1]
-    flat = x.reshape(-1)  # C-contiguous: a view
-    for j in range(nf):  # value-major reads: 1.6x faster than the row order here
-        for r in range(n):
-            W[j, r] = np.float64(flat[(r0 + r) * nf + j])
+    _columns(x, r0, n, W)
     if not _peaks(W, n, P, R, narrow):  # float64 values or an infinite peak
         for j in range(nf):
             kj = ks[j]
@@ -162,10 +172,7 @@ def _scale_block(x, r0, n, S, P, R, narrow):
     Its own loops, not ``_load_shifted`` with W and S the same array: then
     LLVM's run-time alias check fails and every loop runs scalar (2x slower)."""
     nf = x.shape[1]
-    flat = x.reshape(-1)  # C-contiguous: a view
-    for j in range(nf):  # value-major reads: pass 3 1.1x faster than the row order
-        for r in range(n):
-            S[j, r] = np.float64(flat[(r0 + r) * nf + j])
+    _columns(x, r0, n, S)
     if not _peaks(S, n, P, R, narrow):  # float64 values or an infinite peak
         for j in range(nf):
             for r in range(n):

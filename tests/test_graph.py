@@ -179,7 +179,7 @@ def test_chunk_workers_cuts_by_rows_then_evens_the_cut():
     assert chunk_workers([0, 0, 0], {"a": 1, "b": 1}) == ["a", "a", "b"]
 
 
-def test_compute_with_chunk_rows_places_each_chunk_task_on_its_worker():
+def test_compute_with_chunk_filters_places_each_chunk_task_on_its_worker():
     """Execution.compute(chunk_filters=...) on a cluster: every chunk task of a store-like
     graph (reads nested in the chunk tasks) runs on the worker chunk_workers names,
     the tree and the blocks follow, and the values are the synchronous scheduler's;
