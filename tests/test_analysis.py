@@ -495,7 +495,10 @@ def test_ctrl_c_during_a_pass_prints_one_line(tmp_path):
     p = subprocess.Popen(
         [sys.executable, "-m", "filterdb_dask.run", "analyze", str(tmp_path / "s.zarr"),
          "--out", str(tmp_path / "out"), "--workers", "2", "--engine", "numpy"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: a runner started in the background (``cmd &`` in a
+        # script) hands its children SIGINT ignored, and Python keeps it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(p.stderr))
     reader.start()
